@@ -1,0 +1,226 @@
+"""Question families over the synthetic world, each a pure function of (split, family, index).
+
+A sample is a JSON-able dict: the question, its answer (and choices for multiple choice), the scene
+specs of its images (one, several, or video frames) and `evidence`: the patch indices, over all of
+the sample's images concatenated (image i's patch p is i*576 + p), that hold what the question asks.
+Seeds are drawn from (split, family, index), so the splits are disjoint by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import world as W
+
+FAMILIES = ("exist", "count", "color", "color_mc", "spatial", "text", "multi_image", "video")
+SINGLE_IMAGE_FAMILIES = ("exist", "count", "color", "color_mc", "spatial", "text")
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+VIDEO_FRAMES = 8
+COUNT_RANGE = (1, 4)
+
+
+def _pick(rng, seq, exclude=()):
+    options = [x for x in seq if x not in exclude]
+    return options[int(rng.integers(len(options)))]
+
+
+def _distractors(rng, n, forbidden=(), shapes=W.SHAPES, small_bias=0.4):
+    """n random shape objects whose (colour, shape) pair is never in `forbidden`."""
+    wanted = []
+    while len(wanted) < n:
+        shape, color = _pick(rng, shapes), _pick(rng, W.COLOR_NAMES)
+        if (color, shape) not in forbidden:
+            wanted.append(("shape", shape, color, W.sample_size(rng, small_bias)))
+    return wanted
+
+
+def _scene(rng, wanted, shuffle=True):
+    if shuffle:
+        wanted = [wanted[i] for i in rng.permutation(len(wanted))]
+    objects = W.place_objects(rng, wanted)
+    return None if objects is None else {"bg": W.sample_background(rng), "objects": objects}
+
+
+def _ids(scene, pred):
+    return [i for i, o in enumerate(scene["objects"]) if pred(o)]
+
+
+def _single(question, answer, scene, evidence_ids, **extra):
+    return {"question": question, "answer": answer, "scenes": [scene],
+            "evidence": W.evidence_patches(scene, evidence_ids), **extra}
+
+
+# ----------------------------------------------------------------------------- families
+
+def gen_exist(rng):
+    shape, color = _pick(rng, W.SHAPES), _pick(rng, W.COLOR_NAMES)
+    present = bool(rng.integers(2))
+    # Hard negatives: the same colour on another shape, the same shape in another colour.
+    wanted = [("shape", _pick(rng, W.SHAPES, [shape]), color, W.sample_size(rng)),
+              ("shape", shape, _pick(rng, W.COLOR_NAMES, [color]), W.sample_size(rng))]
+    if present:
+        wanted.append(("shape", shape, color, W.sample_size(rng, small_bias=0.6)))
+    wanted += _distractors(rng, int(rng.integers(1, 8)), forbidden={(color, shape)})
+    scene = _scene(rng, wanted)
+    if scene is None:
+        return None
+    target = _ids(scene, lambda o: (o["color"], o["name"]) == (color, shape))
+    near = _ids(scene, lambda o: o["color"] == color or o["name"] == shape)
+    return _single(f"Is there a {color} {shape} in the image? Answer yes or no.",
+                   "yes" if present else "no", scene, target if present else near)
+
+
+def gen_count(rng):
+    shape = _pick(rng, W.SHAPES)
+    k = int(rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
+    wanted = [("shape", shape, _pick(rng, W.COLOR_NAMES), W.sample_size(rng, 0.3)) for _ in range(k)]
+    wanted += _distractors(rng, int(rng.integers(1, 7)), shapes=[s for s in W.SHAPES if s != shape])
+    scene = _scene(rng, wanted)
+    if scene is None:
+        return None
+    return _single(f"How many {W.PLURAL[shape]} are there in the image? Answer with a number.",
+                   str(k), scene, _ids(scene, lambda o: o["name"] == shape))
+
+
+def gen_color(rng):
+    shape, color = _pick(rng, W.SHAPES), _pick(rng, W.COLOR_NAMES)
+    wanted = [("shape", shape, color, W.sample_size(rng, 0.6))]
+    wanted += _distractors(rng, int(rng.integers(2, 9)), shapes=[s for s in W.SHAPES if s != shape])
+    scene = _scene(rng, wanted)
+    if scene is None:
+        return None
+    return _single(f"What color is the {shape}? Answer with one word.", color, scene,
+                   _ids(scene, lambda o: o["name"] == shape))
+
+
+def gen_color_mc(rng):
+    sample = gen_color(rng)
+    if sample is None:
+        return None
+    others = [c for c in W.COLOR_NAMES if c != sample["answer"]]
+    choices = [sample["answer"]] + [others[i] for i in rng.choice(len(others), 3, replace=False)]
+    choices = [choices[i] for i in rng.permutation(4)]
+    sample["question"] = sample["question"].replace("Answer with one word.", "Answer with one word.")
+    return {**sample, "choices": choices, "answer_index": choices.index(sample["answer"])}
+
+
+RELATIONS = ("left", "right", "above", "below")
+
+
+def _relation(a, b):
+    """Relation of box a to box b if one axis clearly dominates, else None."""
+    ax, ay = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2
+    bx, by = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    dx, dy = ax - bx, ay - by
+    if abs(dx) > 2 * abs(dy) and abs(dx) > 40:
+        return "left" if dx < 0 else "right"
+    if abs(dy) > 2 * abs(dx) and abs(dy) > 40:
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def gen_spatial(rng):
+    s1, c1 = _pick(rng, W.SHAPES), _pick(rng, W.COLOR_NAMES)
+    s2, c2 = _pick(rng, W.SHAPES, [s1]), _pick(rng, W.COLOR_NAMES)
+    wanted = [("shape", s1, c1, W.sample_size(rng)), ("shape", s2, c2, W.sample_size(rng))]
+    wanted += _distractors(rng, int(rng.integers(1, 6)), forbidden={(c1, s1), (c2, s2)})
+    scene = _scene(rng, wanted, shuffle=False)
+    if scene is None:
+        return None
+    relation = _relation(scene["objects"][0]["box"], scene["objects"][1]["box"])
+    if relation is None:
+        return None
+    return _single(f"Where is the {c1} {s1} relative to the {c2} {s2}? Answer left, right, above or below.",
+                   relation, scene, [0, 1])
+
+
+def gen_text(rng):
+    n = int(rng.integers(2, 5))
+    letters = [W.LETTERS[i] for i in rng.choice(len(W.LETTERS), n, replace=False)]
+    colors = [W.COLOR_NAMES[i] for i in rng.choice(len(W.COLOR_NAMES), n, replace=False)]
+    wanted = [("letter", l, c, int(rng.integers(21, 33))) for l, c in zip(letters, colors)]
+    wanted += _distractors(rng, int(rng.integers(1, 6)))
+    scene = _scene(rng, wanted)
+    if scene is None:
+        return None
+    target = int(rng.integers(n))
+    ids = _ids(scene, lambda o: o["kind"] == "letter" and o["name"] == letters[target])
+    return _single(f"Which letter is written in {colors[target]}? Answer with one letter.",
+                   letters[target], scene, ids)
+
+
+def gen_multi_image(rng):
+    n = int(rng.integers(2, 5))
+    shape, color = _pick(rng, W.SHAPES), _pick(rng, W.COLOR_NAMES)
+    holder = int(rng.integers(n))
+    others = [s for s in W.SHAPES if s != shape]
+    scenes, evidence = [], []
+    for i in range(n):
+        wanted = _distractors(rng, int(rng.integers(2, 6)), shapes=others)
+        if i == holder:
+            wanted.append(("shape", shape, color, W.sample_size(rng, 0.6)))
+        scene = _scene(rng, wanted)
+        if scene is None:
+            return None
+        scenes.append(scene)
+        if i == holder:
+            ids = _ids(scene, lambda o: o["name"] == shape)
+            evidence += [i * W.GRID * W.GRID + p for p in W.evidence_patches(scene, ids)]
+    return {"question": f"One of the images shows a {shape}. What color is it? Answer with one word.",
+            "answer": color, "scenes": scenes, "evidence": evidence}
+
+
+def gen_video(rng):
+    """Objects drift across a static background; the target shows up in only a few frames."""
+    shape, color = _pick(rng, W.SHAPES), _pick(rng, W.COLOR_NAMES)
+    present = bool(rng.integers(2))
+    wanted = [("shape", _pick(rng, W.SHAPES, [shape]), color, W.sample_size(rng)),
+              ("shape", shape, _pick(rng, W.COLOR_NAMES, [color]), W.sample_size(rng))]
+    wanted += _distractors(rng, int(rng.integers(1, 5)), forbidden={(color, shape)})
+    if present:
+        wanted.append(("shape", shape, color, W.sample_size(rng, 0.5)))
+    objects = W.place_objects(rng, wanted)
+    if objects is None:
+        return None
+    bg = W.sample_background(rng)
+    velocity = rng.uniform(-9, 9, size=(len(objects), 2))
+    first = int(rng.integers(VIDEO_FRAMES))
+    shown = range(first, min(VIDEO_FRAMES, first + int(rng.integers(1, 4))))
+    scenes, evidence = [], []
+    for t in range(VIDEO_FRAMES):
+        frame_objects = []
+        for obj, (vx, vy) in zip(objects, velocity):
+            if present and obj is objects[-1] and t not in shown:
+                continue
+            x0, y0, x1, y1 = obj["box"]
+            w, h = x1 - x0, y1 - y0
+            nx = int(np.clip(round(x0 + vx * t), 0, W.IMAGE_SIZE - w))
+            ny = int(np.clip(round(y0 + vy * t), 0, W.IMAGE_SIZE - h))
+            frame_objects.append({**obj, "box": [nx, ny, nx + w, ny + h]})
+        scene = {"bg": {**bg, "noise_seed": bg["seed"] + 1 + t}, "objects": frame_objects}
+        scenes.append(scene)
+        target = _ids(scene, lambda o: (o["color"], o["name"]) == (color, shape)) if present else \
+            _ids(scene, lambda o: o["color"] == color or o["name"] == shape)
+        evidence += [t * W.GRID * W.GRID + p for p in W.evidence_patches(scene, target)]
+    return {"question": f"Does a {color} {shape} appear in the video? Answer yes or no.",
+            "answer": "yes" if present else "no", "scenes": scenes, "evidence": evidence}
+
+
+GENERATORS = {
+    "exist": gen_exist, "count": gen_count, "color": gen_color, "color_mc": gen_color_mc,
+    "spatial": gen_spatial, "text": gen_text, "multi_image": gen_multi_image, "video": gen_video,
+}
+
+
+def make_sample(split: str, family: str, index: int) -> dict:
+    """The index-th sample of a family in a split: deterministic, and disjoint across splits."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {tuple(SPLITS)}")
+    if family not in GENERATORS:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    seq = np.random.SeedSequence([SPLITS[split], FAMILIES.index(family), index])
+    rng = np.random.default_rng(seq)
+    while True:  # a few layouts do not fit or are ambiguous: draw again from the same stream
+        sample = GENERATORS[family](rng)
+        if sample is not None:
+            return {"id": f"{split}-{family}-{index}", "family": family, **sample}

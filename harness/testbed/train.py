@@ -1,0 +1,363 @@
+"""Training recipe for the testbed model, in LLaVA's spirit: tower, alignment, then instructions.
+
+Stage 1 (`vision`): the ViT alone, on dense per-patch ground truth from the world (each patch's
+  object kind and colour, object centres, grid position) plus a [CLS] head predicting which kinds and
+  colours the image holds, read at the penultimate layer that LLaVA uses. Features stay local, so
+  pruning a question's evidence patches really removes the evidence.
+Stage 2 (`align`): tower frozen; the projector learns to map each patch into the word-embedding space
+  of the words that describe it (kind and colour), the analogue of LLaVA's caption alignment.
+Stage 3 (`instruct`): tower frozen; projector and decoder on the question families, answer tokens only.
+
+Every batch is a function of (stage, step), so a run killed at any moment resumes from its last
+checkpoint to the same result. bf16 autocast on CPU (AMX) or GPU; weights stay fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import model as M
+from . import questions as Q
+from . import world as W
+
+MEAN = np.array(M.CLIP_MEAN, np.float32)[:, None, None]
+STD = np.array(M.CLIP_STD, np.float32)[:, None, None]
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    vision_steps: int = 220
+    vision_batch: int = 32
+    vision_lr: float = 2e-3
+    align_steps: int = 80
+    align_batch: int = 32
+    align_lr: float = 3e-3
+    instruct_steps: int = 1200
+    instruct_lr: float = 1.5e-3
+    single_batch: int = 32
+    multi_batch: int = 8
+    video_batch: int = 4
+    # Of every `cycle` instruction steps, which are multi-image and video ones (the rest single-image).
+    cycle: int = 6
+    multi_slots: tuple = (2,)
+    video_slots: tuple = (5,)
+    warmup: int = 30
+    eval_every: int = 200
+    eval_samples: int = 40
+    checkpoint_every: int = 50
+    dims: dict = field(default_factory=lambda: asdict(M.ModelDims()))
+
+
+# ----------------------------------------------------------------------------- data
+
+def pixels(scenes: list[dict]) -> torch.Tensor:
+    """CLIP-normalised pixel tensor of rendered scenes (equal to the processor's output; tested)."""
+    arr = np.stack([W.render(s).transpose(2, 0, 1).astype(np.float32) / 255.0 for s in scenes])
+    return torch.from_numpy((arr - MEAN) / STD)
+
+
+def encode(tokenizer, image_token_id: int, sample: dict, with_answer: bool = True):
+    """input ids (image placeholders expanded to 576 each) and labels on the answer tokens only."""
+    prompt = M.format_prompt(sample["question"], len(sample["scenes"]))
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + " " + sample["answer"] + "</s>")["input_ids"] if with_answer else prompt_ids
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise RuntimeError(f"prompt tokenisation is not a prefix of the full text: {prompt!r}")
+    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+    out_ids, out_labels = [], []
+    for tok, lab in zip(ids, labels):
+        n = W.GRID * W.GRID if tok == image_token_id else 1
+        out_ids += [tok] * n
+        out_labels += [lab] * n
+    return out_ids, out_labels
+
+
+def collate(samples, tokenizer, image_token_id):
+    encoded = [encode(tokenizer, image_token_id, s) for s in samples]
+    # Few distinct lengths: CPU kernels (oneDNN) are rebuilt for every new shape.
+    length = -(-max(len(i) for i, _ in encoded) // 128) * 128
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    attention = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(labs)] = torch.tensor(labs)
+        attention[row, :len(ids)] = 1
+    scenes = [scene for s in samples for scene in s["scenes"]]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "pixel_values": pixels(scenes)}
+
+
+def single_families():
+    return list(Q.SINGLE_IMAGE_FAMILIES)
+
+
+def instruct_kind(recipe: Recipe, step: int) -> str:
+    slot = step % recipe.cycle
+    return "multi_image" if slot in recipe.multi_slots else "video" if slot in recipe.video_slots else "single"
+
+
+def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
+    kind = instruct_kind(recipe, step)
+    if kind == "single":
+        fams = single_families()
+        return [Q.make_sample("train", fams[j % len(fams)], step * recipe.single_batch + j)
+                for j in range(recipe.single_batch)]
+    batch = recipe.multi_batch if kind == "multi_image" else recipe.video_batch
+    return [Q.make_sample("train", kind, step * batch + j) for j in range(batch)]
+
+
+def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> list[dict]:
+    """Single scenes drawn from every family (multi-image and video frames included)."""
+    scenes = []
+    j = 0
+    while len(scenes) < batch:
+        fam = Q.FAMILIES[j % len(Q.FAMILIES)]
+        s = Q.make_sample("train", fam, 10_000_000 * stage_offset + step * batch + j)
+        scenes.append(s["scenes"][j % len(s["scenes"])])
+        j += 1
+    return scenes
+
+
+# ----------------------------------------------------------------------------- heads for stages 1-2
+
+class VisionHeads(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(hidden, len(W.KIND_CLASSES))
+        self.color = torch.nn.Linear(hidden, len(W.COLOR_CLASSES))
+        self.center = torch.nn.Linear(hidden, 1)
+        self.position = torch.nn.Linear(hidden, 2)
+        self.present = torch.nn.Linear(hidden, len(W.KIND_CLASSES) - 1 + len(W.COLOR_CLASSES) - 1)
+
+
+def dense_targets(scenes):
+    labels = [W.patch_labels(s) for s in scenes]
+    kind = torch.from_numpy(np.stack([l["kind"] for l in labels]))
+    color = torch.from_numpy(np.stack([l["color"] for l in labels]))
+    present = torch.zeros(len(scenes), len(W.KIND_CLASSES) - 1 + len(W.COLOR_CLASSES) - 1)
+    for i, s in enumerate(scenes):
+        for o in s["objects"]:
+            present[i, W.KIND_CLASSES.index(o["name"]) - 1] = 1
+            present[i, len(W.KIND_CLASSES) - 1 + W.COLOR_CLASSES.index(o["color"]) - 1] = 1
+    return {"kind": kind, "color": color, "present": present,
+            "center": torch.from_numpy(np.stack([l["center"] for l in labels])),
+            "position": torch.from_numpy(np.stack([l["position"] for l in labels]))}
+
+
+def vision_features(model, pixel_values):
+    """Penultimate-layer ViT states, [CLS] first: what LLaVA reads (vision_feature_layer=-2)."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer]
+
+
+def vision_loss(model, heads, scenes):
+    t = dense_targets(scenes)
+    feats = vision_features(model, pixels(scenes)).float()
+    cls, patches = feats[:, 0], feats[:, 1:]
+    losses = {
+        "kind": F.cross_entropy(heads.kind(patches).flatten(0, 1), t["kind"].flatten()),
+        "color": F.cross_entropy(heads.color(patches).flatten(0, 1), t["color"].flatten()),
+        "center": F.binary_cross_entropy_with_logits(heads.center(patches).squeeze(-1), t["center"],
+                                                     pos_weight=torch.tensor(20.0)),
+        "position": F.mse_loss(heads.position(patches), t["position"]) * 10,
+        "present": F.binary_cross_entropy_with_logits(heads.present(cls), t["present"]),
+    }
+    kind_acc = (heads.kind(patches).argmax(-1) == t["kind"])[t["kind"] > 0].float().mean()
+    return sum(losses.values()), {**{k: float(v) for k, v in losses.items()}, "kind_acc_fg": float(kind_acc)}
+
+
+def word_ids(tokenizer, words):
+    ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words]
+    return [i[0] for i in ids]  # the tokenizer corpus makes each of these one token
+
+
+def align_loss(model, tokenizer, scenes, position_head):
+    """Projector outputs read through the LLM's own embedding matrix should name the patch's words."""
+    t = dense_targets(scenes)
+    with torch.no_grad():
+        feats = vision_features(model, pixels(scenes))[:, 1:]
+    projected = model.model.multi_modal_projector(feats).float()
+    emb = model.model.language_model.embed_tokens.weight.detach().float()
+    kind_words = word_ids(tokenizer, W.SHAPES + W.LETTERS)
+    color_words = word_ids(tokenizer, W.COLOR_NAMES)
+    vocab = torch.tensor(kind_words + color_words)
+    logits = projected @ F.normalize(emb[vocab], dim=-1).T * 10
+    target = torch.zeros(*t["kind"].shape, len(vocab))
+    fg = t["kind"] > 0
+    rows = fg.nonzero(as_tuple=True)
+    target[rows + (t["kind"][fg] - 1,)] = 0.5
+    target[rows + (len(kind_words) + t["color"][fg] - 1,)] = 0.5
+    word_loss = -(target[fg] * F.log_softmax(logits[fg], -1)).sum(-1).mean()
+    pos_loss = F.mse_loss(position_head(projected), t["position"]) * 10
+    return word_loss + pos_loss, {"word": float(word_loss), "position": float(pos_loss)}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def normalise(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+@torch.no_grad()
+def generate_answers(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers through the public processor path (left padding), as a user would run it."""
+    answers = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        texts = [M.format_prompt(s["question"], len(s["scenes"])) for s in chunk]
+        images = [[W.render_pil(sc) for sc in s["scenes"]] for s in chunk]
+        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(model.device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def quick_eval(model, processor, split: str, n: int, families=Q.FAMILIES) -> dict[str, float]:
+    model.eval()
+    result = {}
+    for fam in families:
+        samples = [Q.make_sample(split, fam, i) for i in range(n)]
+        answers = generate_answers(model, processor, samples, batch_size=4 if fam == "video" else 8)
+        result[fam] = float(np.mean([normalise(a) == normalise(s["answer"]) for a, s in zip(answers, samples)]))
+    model.train()
+    return result
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Trainer:
+    def __init__(self, out_dir: str | Path, recipe: Recipe, device: str | None = None, log=print):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.recipe = recipe
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.log_fn = log
+        dims = M.ModelDims(**recipe.dims)
+        self.model, self.processor = M.build_model(dims, seed=recipe.seed)
+        self.model.to(self.device).train()
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = self.model.config.image_token_id
+        torch.manual_seed(recipe.seed)
+        self.heads = VisionHeads(dims.vision_hidden).to(self.device)
+        self.align_head = torch.nn.Linear(dims.text_hidden, 2).to(self.device)
+        self.state = {"stage": "vision", "step": 0}
+        self.optimizer = None
+        self._make_optimizer()
+        self.ckpt = self.out / "checkpoint.pt"
+        if self.ckpt.exists():
+            self._resume()
+
+    # Parameters trained in each stage.
+    def _params(self, stage):
+        m = self.model.model
+        if stage == "vision":
+            return list(m.vision_tower.parameters()) + list(self.heads.parameters())
+        if stage == "align":
+            return list(m.multi_modal_projector.parameters()) + list(self.align_head.parameters())
+        return list(m.multi_modal_projector.parameters()) + list(m.language_model.parameters()) + \
+            list(self.model.lm_head.parameters())
+
+    def _make_optimizer(self):
+        stage = self.state["stage"]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = self._params(stage)
+        for p in params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def _resume(self):
+        blob = torch.load(self.ckpt, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(blob["model"])
+        self.heads.load_state_dict(blob["heads"])
+        self.align_head.load_state_dict(blob["align_head"])
+        self.state = blob["state"]
+        self._make_optimizer()
+        if blob.get("optimizer") is not None:
+            self.optimizer.load_state_dict(blob["optimizer"])
+        self.log(f"resumed at stage {self.state['stage']} step {self.state['step']}")
+
+    def save_checkpoint(self):
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "heads": self.heads.state_dict(),
+                    "align_head": self.align_head.state_dict(), "state": self.state,
+                    "optimizer": self.optimizer.state_dict(), "recipe": asdict(self.recipe)}, tmp)
+        tmp.replace(self.ckpt)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+    def log(self, msg: str, **fields):
+        line = {"time": round(time.time(), 1), **self.state, "msg": msg, **fields}
+        with open(self.out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.log_fn(f"[{self.state['stage']} {self.state['step']}] {msg} {fields if fields else ''}")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def run(self):
+        from tqdm import tqdm
+
+        r = self.recipe
+        stages = [("vision", r.vision_steps, r.vision_lr), ("align", r.align_steps, r.align_lr),
+                  ("instruct", r.instruct_steps, r.instruct_lr)]
+        names = [s[0] for s in stages]
+        for name, total, peak in stages[names.index(self.state["stage"]):]:
+            if self.state["stage"] != name:
+                self.state = {"stage": name, "step": 0}
+                self._make_optimizer()
+            bar = tqdm(total=total, initial=self.state["step"], desc=f"stage {name}", unit="step")
+            while self.state["step"] < total:
+                step = self.state["step"]
+                lr = lr_at(step, total, peak, r.warmup)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                with self._autocast():
+                    loss, info = self._loss(name, step)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state["step"] = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+                if step % 10 == 0:
+                    self.log("train", loss=round(float(loss), 4), lr=round(lr, 6),
+                             **{k: round(v, 4) for k, v in info.items()})
+                if name == "instruct" and (step + 1) % r.eval_every == 0:
+                    self.log("val", **quick_eval(self.model, self.processor, "validation", r.eval_samples))
+                if (step + 1) % r.checkpoint_every == 0 or step + 1 == total:
+                    self.save_checkpoint()
+            bar.close()
+        self.state = {"stage": "done", "step": 0}
+        self.save_checkpoint()
+
+    def _loss(self, stage, step):
+        r = self.recipe
+        if stage == "vision":
+            return vision_loss(self.model, self.heads, vision_scenes(r, 1, step, r.vision_batch))
+        if stage == "align":
+            return align_loss(self.model, self.tokenizer, vision_scenes(r, 2, step, r.align_batch), self.align_head)
+        batch = collate(instruct_samples(r, step), self.tokenizer, self.image_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        out = self.model(**batch)
+        return out.loss, {}
+
+    def export(self, path: str | Path):
+        self.model.eval()
+        M.save(self.model.float().cpu(), self.processor, path, M.ModelDims(**self.recipe.dims))

@@ -1,0 +1,141 @@
+"""The synthetic world: determinism, ground truth, and that every answer is true of its scene."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from harness.testbed import questions as Q
+from harness.testbed import world as W
+
+
+def _scene(*objects):
+    return {"bg": {"seed": 1, "base": [60, 60, 60]}, "objects": list(objects)}
+
+
+def _obj(name, color, box, kind="shape"):
+    return {"kind": kind, "name": name, "color": color, "rgb": list(W.COLORS[color]), "box": list(box)}
+
+
+def test_generation_and_rendering_are_deterministic():
+    for family in Q.FAMILIES:
+        a, b = Q.make_sample("test", family, 3), Q.make_sample("test", family, 3)
+        assert a == b
+        assert np.array_equal(W.render(a["scenes"][0]), W.render(b["scenes"][0]))
+    assert Q.make_sample("test", "exist", 3) != Q.make_sample("test", "exist", 4)
+    assert Q.make_sample("test", "exist", 3) != Q.make_sample("validation", "exist", 3)
+
+
+def test_rendering_is_pinned():
+    """A changed generator silently invalidates the committed data and the trained model: pin it."""
+    pixels = W.render(Q.make_sample("test", "color", 0)["scenes"][0])
+    assert pixels.shape == (336, 336, 3) and pixels.dtype == np.uint8
+    assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == PINNED_RENDER
+
+
+PINNED_RENDER = "2970bd6a7a1ffd90"
+
+
+def test_background_is_not_flat():
+    img = W.render(_scene()).astype(float)
+    patches = img.reshape(24, 14, 24, 14, 3).mean(axis=(1, 3))
+    assert len({tuple(p.round(1)) for p in patches.reshape(-1, 3)}) == 576  # no two background tokens alike
+
+
+def test_known_box_maps_to_its_patches():
+    scene = _scene(_obj("square", "red", (28, 28, 56, 56)))
+    assert W.evidence_patches(scene, [0]) == [2 * 24 + 2, 2 * 24 + 3, 3 * 24 + 2, 3 * 24 + 3]
+    # One pixel into the next patch column counts: evidence is every patch holding a visible pixel.
+    scene = _scene(_obj("square", "red", (28, 28, 57, 42)))
+    assert W.evidence_patches(scene, [0]) == [50, 51, 52]
+
+
+def test_occluded_pixels_are_not_evidence():
+    below = _obj("square", "red", (0, 0, 28, 28))
+    above = _obj("square", "blue", (14, 0, 28, 28))  # drawn later, hides the right half
+    scene = _scene(below, above)
+    assert W.evidence_patches(scene, [0]) == [0, 24]
+    assert W.evidence_patches(scene, [1]) == [1, 25]
+
+
+def test_patch_labels():
+    scene = _scene(_obj("circle", "green", (140, 140, 196, 196)), _obj("T", "white", (0, 0, 20, 28), "letter"))
+    labels = W.patch_labels(scene)
+    centre = (168 // 14) * 24 + 168 // 14
+    assert labels["kind"][centre] == W.KIND_CLASSES.index("circle")
+    assert labels["color"][centre] == W.COLOR_CLASSES.index("green")
+    assert labels["center"][centre] == 1 and labels["center"].sum() == 2
+    assert labels["kind"][0] == W.KIND_CLASSES.index("T")
+    assert labels["kind"][500] == 0 and labels["color"][500] == 0
+    assert np.allclose(labels["position"][25], [1 / 23, 1 / 23])
+
+
+def _objects(sample):
+    return [o for s in sample["scenes"] for o in s["objects"]]
+
+
+@pytest.mark.parametrize("index", range(25))
+def test_answers_are_true_of_their_scenes(index):
+    s = Q.make_sample("test", "exist", index)
+    color, shape = s["question"].split("Is there a ")[1].split(" in")[0].split()
+    present = any((o["color"], o["name"]) == (color, shape) for o in _objects(s))
+    assert s["answer"] == ("yes" if present else "no")
+
+    s = Q.make_sample("test", "count", index)
+    plural = s["question"].split("How many ")[1].split()[0]
+    shape = {v: k for k, v in W.PLURAL.items()}[plural]
+    assert s["answer"] == str(sum(o["name"] == shape for o in _objects(s)))
+
+    s = Q.make_sample("test", "color", index)
+    shape = s["question"].split("the ")[1].split("?")[0]
+    assert [o["color"] for o in _objects(s) if o["name"] == shape] == [s["answer"]]
+
+    s = Q.make_sample("test", "color_mc", index)
+    assert s["choices"][s["answer_index"]] == s["answer"] and len(set(s["choices"])) == 4
+
+    s = Q.make_sample("test", "spatial", index)
+    a, b = s["scenes"][0]["objects"][:2]
+    ax, bx = (a["box"][0] + a["box"][2]) / 2, (b["box"][0] + b["box"][2]) / 2
+    ay, by = (a["box"][1] + a["box"][3]) / 2, (b["box"][1] + b["box"][3]) / 2
+    expected = {"left": ax < bx, "right": ax > bx, "above": ay < by, "below": ay > by}
+    assert expected[s["answer"]]
+    assert f"{a['color']} {a['name']}" in s["question"] and f"{b['color']} {b['name']}" in s["question"]
+
+    s = Q.make_sample("test", "text", index)
+    color = s["question"].split("written in ")[1].split("?")[0]
+    assert [o["name"] for o in _objects(s) if o["kind"] == "letter" and o["color"] == color] == [s["answer"]]
+
+    s = Q.make_sample("test", "multi_image", index)
+    shape = s["question"].split("shows a ")[1].split(".")[0]
+    holders = [i for i, sc in enumerate(s["scenes"]) if any(o["name"] == shape for o in sc["objects"])]
+    assert len(holders) == 1 and 2 <= len(s["scenes"]) <= 4
+    assert [o["color"] for o in s["scenes"][holders[0]]["objects"] if o["name"] == shape] == [s["answer"]]
+    assert all(e // 576 == holders[0] for e in s["evidence"])
+
+    s = Q.make_sample("test", "video", index)
+    color, shape = s["question"].split("Does a ")[1].split(" appear")[0].split()
+    frames = [any((o["color"], o["name"]) == (color, shape) for o in sc["objects"]) for sc in s["scenes"]]
+    assert len(s["scenes"]) == Q.VIDEO_FRAMES
+    assert (1 <= sum(frames) <= 3) if s["answer"] == "yes" else not any(frames)
+
+
+@pytest.mark.parametrize("family", Q.FAMILIES)
+def test_evidence_is_inside_the_images(family):
+    for i in range(10):
+        s = Q.make_sample("test", family, i)
+        assert s["evidence"], "every question points at some patches"
+        assert max(s["evidence"]) < 576 * len(s["scenes"]) and s["evidence"] == sorted(set(s["evidence"]))
+
+
+def test_answers_are_balanced():
+    yes = [Q.make_sample("test", "exist", i)["answer"] == "yes" for i in range(200)]
+    assert 0.4 < np.mean(yes) < 0.6
+    counts = {Q.make_sample("test", "count", i)["answer"] for i in range(100)}
+    assert counts == {"1", "2", "3", "4"}
+
+
+def test_unknown_family_or_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown family 'nope'"):
+        Q.make_sample("test", "nope", 0)
+    with pytest.raises(ValueError, match="unknown split"):
+        Q.make_sample("dev", "exist", 0)
