@@ -20,9 +20,54 @@ def _testbed_train(args) -> int:
     return 0
 
 
+def _limit(text: str):
+    """An int (docs per task) or a float below 1 (a fraction of each task), as lmms-eval takes it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _run(args) -> int:
+    from .runner import RunConfig, RunError, run
+
+    config = RunConfig(methods=args.methods, budgets=args.budgets, tasks=args.tasks, model=args.model,
+                       model_name=args.model_name, limit=args.limit, output=args.output,
+                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, log_level=args.log_level)
+    try:
+        run(config)
+    except RunError as e:
+        print(f"harness run: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="evaluate methods x budgets x tasks through lmms-eval",
+                         description="Evaluate pruning methods at token budgets on lmms-eval tasks, in-process; "
+                                     "writes OUTPUT/summary.csv (long format) and OUTPUT/samples/.")
+    run.add_argument("--methods", default="none", help="none | all | comma list of registered methods (default: none)")
+    run.add_argument("--budgets", default=None,
+                     help="comma list of visual-token budgets (ints: tokens kept; floats: fraction); ignored for none")
+    run.add_argument("--tasks", default=None, help="comma list of tasks or groups (default: the testbed group)")
+    run.add_argument("--model", default=None,
+                     help="LLaVA checkpoint folder (default: the shipped testbed model, harness/testbed/checkpoint)")
+    run.add_argument("--model-name", dest="model_name", default=None,
+                     help="label in summary.csv (default: testbed, or the folder name)")
+    run.add_argument("--limit", type=_limit, default=None, help="docs per task (or a fraction below 1)")
+    run.add_argument("--output", default=None, help="output folder (default: runs/<timestamp>)")
+    run.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    run.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    run.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16, auto")
+    run.add_argument("--log-level", dest="log_level", default=None,
+                     help="lmms-eval log level (default WARNING; INFO shows request counts)")
+    run.set_defaults(func=_run)
 
     testbed = sub.add_parser("testbed", help="the synthetic world and its model").add_subparsers(
         dest="testbed_command", required=True)

@@ -1,0 +1,401 @@
+"""lmms-eval model backend for Hugging Face LLaVA-class checkpoints (``LlavaForConditionalGeneration``).
+
+Registered as ``vtp_llava`` through the ``lmms_eval.models`` entry point (``harness.lmms_plugin``), so
+
+    lmms-eval eval --model vtp_llava --model_args pretrained=PATH,method=none --tasks ... --include_path tasks
+
+works, and ``harness run`` passes an instance to ``simple_evaluate`` (the model is loaded once and
+reconfigured per method/budget with :meth:`VTPLlava.configure`).
+
+Protocol: "simple" (``is_simple = True``), so ``multiple_choice`` tasks work. Requests carry a
+``doc_id``; visuals come from ``doc_to_visual(self.task_dict[task][split][doc_id])``.
+
+* ``generate_until``: greedy, batched (``batch_size``) with left padding; honours ``max_new_tokens``
+  and ``until`` (the text is cut at the first stop string). Returns ``GenerationResult`` with token
+  counts.
+* ``loglikelihood``: ``(loss, is_greedy)`` with loss = the summed NLL of the continuation tokens.
+  lmms-eval's convention: a *loss*, and multiple choice picks the ``argmin``.
+* Per request, keyed by ``(task, doc_id, idx)``, :attr:`VTPLlava.records` keeps what the
+  consistency metrics need: generated token ids, the first answer token's log-probs (the whole
+  vocabulary when it has at most ``FULL_VOCAB_LIMIT`` entries, else the top ``top_k_logprobs``) and
+  the number of visual tokens in and kept.
+
+Response cache (lmms-eval ``--use_cache``): its key hashes ``f"{model}|{model_args}"``. For string
+models ``method=``/``budget=`` are part of ``model_args``; for an instance ``str(instance)`` spells
+them out (see ``__str__``). So a cached answer is never served to another method or budget.
+``harness run`` does not enable the cache at all.
+"""
+
+from __future__ import annotations
+
+from . import lmms_compat  # first: offline variables, before transformers/datasets are imported
+
+lmms_compat.apply(restore_log=False)
+
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lmms_eval.api.instance import GenerationResult, TokenCounts  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+from loguru import logger  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import methods  # noqa: E402
+
+from .model_args import CheckpointError, check_pretrained, parse_budget  # noqa: E402,F401
+
+FULL_VOCAB_LIMIT = 1024  # store the whole first-token distribution for vocabularies this small
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_beams", "do_sample")
+
+
+def _resolve_device(device) -> str:
+    device = str(device or "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA device")
+        if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per data-parallel rank
+    return device
+
+
+def _resolve_dtype(dtype, device: str):
+    """None: float32 on CPU, bfloat16 on CUDA; "auto": the checkpoint's; else a dtype name."""
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}") from None
+
+
+def _parse_batch_size(batch_size) -> int:
+    try:
+        value = int(str(batch_size))  # the lmms-eval CLI passes a string
+    except ValueError:
+        raise ValueError(
+            f"batch_size must be a positive integer, got {batch_size!r} ('auto' is not supported)") from None
+    if value < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return value
+
+
+def _stop_at(text: str, until) -> str:
+    """``text`` up to the earliest occurrence of any stop string."""
+    if isinstance(until, str):
+        until = [until]
+    for stop in until or ():
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+class VTPLlava(lmms):
+    """LLaVA (``LlavaForConditionalGeneration``) under a visual-token pruning method."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, device: str | None = "cpu", dtype=None, batch_size=1,
+                 method: str = "none", budget=None, max_new_tokens: int = 32, top_k_logprobs: int = 20,
+                 **kwargs) -> None:
+        super().__init__()
+        # The evaluator always passes batch_size/max_batch_size/device (the latter two possibly
+        # None-filtered); anything else is a typo worth a warning, not a crash.
+        kwargs.pop("max_batch_size", None)
+        if kwargs:
+            logger.warning(f"vtp_llava ignores model_args {sorted(kwargs)}")
+        self.pretrained = check_pretrained(pretrained)
+        self._device = _resolve_device(device)
+        self._dtype = _resolve_dtype(dtype, self._device)
+        self.batch_size_per_gpu = _parse_batch_size(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.top_k_logprobs = int(top_k_logprobs)
+
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self._processor = AutoProcessor.from_pretrained(self.pretrained)
+        self._model = LlavaForConditionalGeneration.from_pretrained(self.pretrained, dtype=self._dtype)
+        self._model.to(self._device).eval()
+        config = self._model.config
+        self.image_token_id = getattr(config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = config.image_token_index
+        self.image_token = getattr(self._processor, "image_token", "<image>")
+        tok = self.tokenizer
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.eos_token_id = tok.eos_token_id
+        self.records: dict[tuple, dict] = {}
+        self._warned_sampling = False
+        self.configure(method, budget)
+
+    # ------------------------------------------------------------------ configuration
+
+    def configure(self, method="none", budget=None) -> None:
+        """Switch to ``method`` (a registered name or a method instance) at ``budget``.
+
+        The budget is dropped for methods that take none (``none``), so the unpruned cell is
+        one cell whatever ``--budgets`` says.
+        """
+        self.method = methods.get(method) if isinstance(method, str) else method
+        budget = parse_budget(budget)
+        if budget is not None and not getattr(self.method, "uses_budget", True):
+            budget = None
+        self.budget = budget
+
+    @property
+    def method_name(self) -> str:
+        return getattr(self.method, "name", type(self.method).__name__)
+
+    @property
+    def _budget_label(self) -> str:
+        return "full" if self.budget is None else str(self.budget)
+
+    def __str__(self) -> str:
+        # Part of the response-cache key (``f"{model}|{model_args}"``): it must name everything
+        # that changes outputs, and no object address, so cached entries match across processes.
+        return f"vtp_llava(pretrained={self.pretrained}, method={self.method!r}, budget={self.budget})"
+
+    __repr__ = __str__
+
+    @contextlib.contextmanager
+    def _pruning_applied(self):
+        """Where a pruning method is hooked into the model (the LLaVA adapter). Only the unpruned
+        baseline exists so far; refuse anything else rather than silently run unpruned."""
+        if isinstance(self.method, methods.NoPruning):
+            yield
+            return
+        raise NotImplementedError(f"method {self.method_name!r} has no LLaVA adapter yet; only 'none' runs")
+
+    # ------------------------------------------------------------------ lmms interface
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def processor(self):
+        return self._processor
+
+    @property
+    def tokenizer(self):
+        return self._processor.tokenizer
+
+    @property
+    def device(self):
+        return torch.device(self._device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def clean(self) -> None:
+        """Keep the model. lmms-eval 0.7.3 calls ``clean()`` after inference and the base class
+        deletes every ``nn.Module`` attribute, which would break the next evaluation on this
+        instance (``harness run`` reuses one instance for every method and budget)."""
+        gc.collect()
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def pop_records(self) -> dict[tuple, dict]:
+        """The per-request records so far, and start afresh."""
+        records, self.records = self.records, {}
+        return records
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("vtp_llava does not support generate_until_multi_round (multi-round tasks); "
+                                  "use generate_until or multiple_choice tasks")
+
+    # ------------------------------------------------------------------ inputs
+
+    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+        from PIL import Image
+
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        if visuals is None:
+            return []
+        if not isinstance(visuals, (list, tuple)):
+            visuals = [visuals]
+        images = []
+        for v in visuals:
+            if isinstance(v, Image.Image):
+                images.append(v.convert("RGB"))
+            elif isinstance(v, str) and Path(v).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"):
+                with Image.open(v) as im:
+                    images.append(im.convert("RGB"))
+            else:
+                raise TypeError(f"{task} doc {doc_id}: vtp_llava takes images (PIL or image paths); got "
+                                f"{type(v).__name__} {str(v)[:80]!r}. Give videos as a list of frames.")
+        return images
+
+    def build_prompt(self, ctx: str, n_images: int) -> str:
+        """The user turn through the processor's chat template, image placeholders first (none are
+        added when the task already put ``<image>`` in ``ctx``), then the generation prompt."""
+        content = [] if (n_images == 0 or self.image_token in ctx) else [{"type": "image"}] * n_images
+        content = content + [{"type": "text", "text": ctx}]
+        if getattr(self._processor, "chat_template", None):
+            return self._processor.apply_chat_template([{"role": "user", "content": content}],
+                                                       add_generation_prompt=True, tokenize=False)
+        images = self.image_token * (len(content) - 1)
+        return f"USER: {images + chr(10) if images else ''}{ctx} ASSISTANT:"
+
+    def _encode(self, prompts: list[str], images: list[list], padding_side: str = "left"):
+        flat = [im for row in images for im in row]
+        inputs = self._processor(text=prompts, images=flat or None, padding=True, padding_side=padding_side,
+                                 return_tensors="pt")
+        inputs = inputs.to(self._device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        return inputs
+
+    def _first_token_dist(self, logits: torch.Tensor) -> dict:
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        vocab = logprobs.shape[-1]
+        k = vocab if vocab <= FULL_VOCAB_LIMIT else min(self.top_k_logprobs, vocab)
+        values, ids = logprobs.topk(k)
+        return {"ids": ids.tolist(), "logprobs": values.tolist(), "full": k == vocab}
+
+    def _visual_counts(self, input_ids: torch.Tensor) -> list[int]:
+        return (input_ids == self.image_token_id).sum(-1).tolist()
+
+    def _key(self, req) -> tuple:
+        return (req.task_name, req.doc_id, req.idx)
+
+    def _record_base(self, req, request_type: str) -> dict:
+        return {"request_type": request_type, "method": repr(self.method), "budget": self.budget}
+
+    # ------------------------------------------------------------------ generation
+
+    def _gen_settings(self, gen_kwargs: dict) -> tuple[int, list]:
+        gen_kwargs = dict(gen_kwargs or {})
+        sampling = {k: gen_kwargs[k] for k in SAMPLING_KEYS if k in gen_kwargs}
+        wants_sampling = bool(sampling.get("do_sample")) or float(sampling.get("temperature") or 0) > 0 \
+            or int(sampling.get("num_beams") or 1) > 1
+        if wants_sampling and not self._warned_sampling:
+            logger.warning(f"vtp_llava decodes greedily; ignoring {sampling}")
+            self._warned_sampling = True
+        max_new = gen_kwargs.get("max_new_tokens")
+        return int(max_new) if max_new is not None else self.max_new_tokens, gen_kwargs.get("until") or []
+
+    def generate_until(self, requests) -> list:
+        results: list = [None] * len(requests)
+        # Group by generation settings (tasks differ), longest inputs first, then batch.
+        groups: dict[str, list[int]] = {}
+        prepared = []
+        for i, req in enumerate(requests):
+            ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]
+            images = self._visuals(doc_to_visual, doc_id, task, split)
+            prepared.append((self.build_prompt(ctx, len(images)), images, gen_kwargs))
+            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+        bar = tqdm(total=len(requests), desc=f"generate [{self.method_name}, budget {self._budget_label}]",
+                   disable=self.rank != 0, leave=False)
+        for indices in groups.values():
+            indices.sort(key=lambda i: (-len(prepared[i][1]), -len(prepared[i][0])))
+            max_new, until = self._gen_settings(prepared[indices[0]][2])
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                for i, result in zip(chunk, self._generate_batch([prepared[i] for i in chunk],
+                                                                 [requests[i] for i in chunk], max_new, until)):
+                    results[i] = result
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(self, items, reqs, max_new_tokens: int, until) -> list:
+        inputs = self._encode([p for p, _, _ in items], [ims for _, ims, _ in items], padding_side="left")
+        n_in = inputs["input_ids"].shape[1]
+        visual_in = self._visual_counts(inputs["input_ids"])
+        with self._pruning_applied():
+            out = self._model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       temperature=None, top_p=None, top_k=None,
+                                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                                       return_dict_in_generate=True, output_logits=True)
+        sequences = out.sequences[:, n_in:].tolist()
+        first_logits = out.logits[0] if out.logits else None
+        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
+        results = []
+        for row, (ids, req) in enumerate(zip(sequences, reqs)):
+            if self.eos_token_id in ids:
+                ids = ids[:ids.index(self.eos_token_id)]
+            while ids and ids[-1] == self.pad_token_id:
+                ids.pop()
+            raw = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = _stop_at(raw, until)
+            record = self._record_base(req, "generate_until")
+            record.update(generated_ids=ids, raw_text=raw, text=text,
+                          first_token=self._first_token_dist(first_logits[row]) if first_logits is not None else None,
+                          input_tokens=int(prompt_lengths[row]),
+                          visual_tokens_in=int(visual_in[row]), visual_tokens_kept=int(visual_in[row]))
+            self.records[self._key(req)] = record
+            results.append(GenerationResult(text=text, token_counts=TokenCounts(
+                input_tokens=int(prompt_lengths[row]), output_tokens=len(ids))))
+        return results
+
+    # ------------------------------------------------------------------ loglikelihood
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        results: list = [None] * len(requests)
+        prepared = []
+        for req in requests:
+            ctx, continuation, doc_to_visual, doc_id, task, split = req.args[:6]
+            images = self._visuals(doc_to_visual, doc_id, task, split)
+            if callable(continuation):  # output_type: loglikelihood passes doc_to_target
+                continuation = continuation(self.task_dict[task][split][doc_id])
+            prepared.append((self.build_prompt(ctx, len(images)), images, str(continuation)))
+        order = sorted(range(len(requests)), key=lambda i: (-len(prepared[i][1]), -len(prepared[i][0])))
+        bar = tqdm(total=len(requests), desc=f"loglikelihood [{self.method_name}, budget {self._budget_label}]",
+                   disable=self.rank != 0, leave=False)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, result in zip(chunk, self._loglikelihood_batch([prepared[i] for i in chunk],
+                                                                  [requests[i] for i in chunk])):
+                results[i] = result
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    @torch.inference_mode()
+    def _loglikelihood_batch(self, items, reqs) -> list[tuple[float, bool]]:
+        # Right padding: a plain forward does not derive positions from the attention mask, so
+        # left padding would shift them; trailing pads cannot affect earlier (causal) positions.
+        inputs = self._encode([p for p, _, _ in items], [ims for _, ims, _ in items], padding_side="right")
+        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
+        visual_in = self._visual_counts(inputs["input_ids"])
+        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for _, _, c in items]
+        total = max(p + len(c) for p, c in zip(prompt_lengths, conts))
+        input_ids = torch.full((len(items), total), self.pad_token_id, dtype=torch.long, device=self._device)
+        attention = torch.zeros((len(items), total), dtype=torch.long, device=self._device)
+        for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
+            input_ids[row, :p] = inputs["input_ids"][row, :p]
+            input_ids[row, p:p + len(c)] = torch.tensor(c, dtype=torch.long, device=self._device)
+            attention[row, :p + len(c)] = 1
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        with self._pruning_applied():
+            logits = self._model(input_ids=input_ids, attention_mask=attention, **model_inputs).logits
+        results = []
+        for row, (p, c, req) in enumerate(zip(prompt_lengths, conts, reqs)):
+            record = self._record_base(req, "loglikelihood")
+            record.update(continuation=items[row][2], continuation_ids=c, input_tokens=int(p),
+                          visual_tokens_in=int(visual_in[row]), visual_tokens_kept=int(visual_in[row]))
+            if not c:
+                loss, greedy, first = 0.0, True, None
+            else:
+                logprobs = F.log_softmax(logits[row, p - 1:p - 1 + len(c)].float(), dim=-1)
+                target = torch.tensor(c, device=logprobs.device)
+                loss = float(-logprobs.gather(-1, target[:, None]).sum())
+                greedy = bool((logprobs.argmax(-1) == target).all())
+                first = self._first_token_dist(logits[row, p - 1])
+            record.update(loss=loss, is_greedy=greedy, first_token=first)
+            self.records[self._key(req)] = record
+            results.append((loss, greedy))
+        return results

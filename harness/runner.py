@@ -1,0 +1,331 @@
+"""`harness run`: evaluate methods x budgets x tasks in-process through lmms-eval.
+
+The model is loaded once (one :class:`harness.lmms_backend.VTPLlava`), reconfigured per
+(method, budget) cell and handed to ``lmms_eval.evaluator.simple_evaluate`` as an instance, with a
+``TaskManager`` that indexes only our ``tasks/`` folder. The response cache is never enabled (it
+could serve one cell's answers to another, see ``harness.lmms_compat``).
+
+Outputs, under ``--output DIR``:
+
+* ``DIR/summary.csv``: long format, one row per (model, method, budget, task, metric), columns
+  exactly ``model, method, budget, task, metric, value``. Metrics: each task's own lmms-eval
+  metrics (``accuracy`` for the testbed) plus ``n_samples``. A group contributes its tasks, not
+  itself. ``budget`` is ``full`` for methods that take no budget (``none``).
+* ``DIR/samples/<method>_<budget>_<task>.jsonl``: one line per doc: lmms-eval's logged sample
+  (media-free doc, target, responses, per-sample metrics) plus ``records``, the backend's
+  per-request records (generated ids, first-token log-probs, visual tokens in/kept) by request idx.
+* ``DIR/results/<method>_<budget>.json``: lmms-eval's results dict without the samples (provenance).
+"""
+
+from __future__ import annotations
+
+from . import lmms_compat  # first: offline variables before lmms_eval/datasets/transformers
+
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The shipped testbed model (made by `harness testbed train`).
+DEFAULT_MODEL = getattr(_testbed_model, "CHECKPOINT", REPO_ROOT / "harness" / "testbed" / "checkpoint")
+DEFAULT_TASKS = ("testbed",)
+SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")
+NO_BUDGET = "full"  # the budget label of methods that keep every token
+
+
+class RunError(Exception):
+    """A problem with the run's arguments or inputs, reported without a traceback."""
+
+
+@dataclass
+class RunConfig:
+    methods: str = "none"
+    budgets: str | None = None
+    tasks: str | None = None
+    model: str | None = None
+    model_name: str | None = None
+    limit: float | None = None
+    output: str | None = None
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str | None = None
+    log_level: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- argument resolution
+
+def resolve_methods(spec: str) -> list[str]:
+    """``none`` | ``all`` | ``a,b``: registered method names, validated."""
+    import methods
+
+    known = methods.names()
+    spec = (spec or "").strip()
+    if spec == "all":
+        return known
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise RunError(f"--methods is empty; known methods: {', '.join(known)} (or 'all')")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RunError(f"unknown method(s) {', '.join(map(repr, unknown))}; "
+                       f"known methods: {', '.join(known)} (or 'all')")
+    return list(dict.fromkeys(names))
+
+
+def parse_budgets(spec: str | None) -> list:
+    from .model_args import parse_budget
+
+    if spec is None or not str(spec).strip():
+        return []
+    try:
+        return list(dict.fromkeys(parse_budget(s) for s in str(spec).split(",") if s.strip()))
+    except ValueError as e:
+        raise RunError(f"--budgets: {e}") from None
+
+
+def cells(method_names: list[str], budgets: list) -> list[tuple[str, object]]:
+    """(method, budget) pairs: methods without a budget get one unpruned cell (budget None)."""
+    import methods
+
+    out = []
+    for name in method_names:
+        cls = type(methods.get(name))
+        if not getattr(cls, "uses_budget", True):
+            out.append((name, None))
+        elif not budgets:
+            raise RunError(f"method {name!r} needs --budgets (e.g. --budgets 64,128)")
+        else:
+            out += [(name, b) for b in budgets]
+    return out
+
+
+def resolve_tasks(spec: str | None) -> list[str]:
+    names = [s.strip() for s in (spec or "").split(",") if s.strip()]
+    return names or list(DEFAULT_TASKS)
+
+
+def resolve_model(path: str | None) -> Path:
+    from .model_args import CheckpointError, check_pretrained
+
+    if path is None:
+        if not DEFAULT_MODEL.exists():
+            try:
+                rel = DEFAULT_MODEL.relative_to(REPO_ROOT)
+            except ValueError:
+                rel = DEFAULT_MODEL
+            raise RunError(
+                f"the testbed model is not at {DEFAULT_MODEL}: train it with "
+                f"`harness testbed train --output {rel}` (from the repository root), or pass --model PATH")
+        path = str(DEFAULT_MODEL)
+    elif not Path(path).expanduser().exists():
+        raise RunError(f"model not found: {path} does not exist (pass --model PATH to a LLaVA checkpoint folder)")
+    try:
+        return Path(check_pretrained(path))
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+
+
+def model_label(path: Path, name: str | None) -> str:
+    if name:
+        return name
+    return "testbed" if path.resolve() == DEFAULT_MODEL.resolve() else path.name
+
+
+def budget_label(budget) -> str:
+    return NO_BUDGET if budget is None else str(budget)
+
+
+# ----------------------------------------------------------------------------- results
+
+def _leaf_tasks(res: dict) -> list[str]:
+    groups = {name for name, subtasks in (res.get("group_subtasks") or {}).items() if subtasks}
+    return [name for name in res["results"] if name not in groups]
+
+
+def summary_rows(res: dict, model: str, method: str, budget) -> list[dict]:
+    """Long-format rows of one cell: each leaf task's metrics (not stderr) and n_samples."""
+    rows = []
+    for task in _leaf_tasks(res):
+        for key, value in res["results"][task].items():
+            if key == "alias" or "," not in key:
+                continue
+            metric, filt = key.split(",", 1)
+            if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            name = metric if filt == "none" else key
+            rows.append(dict(model=model, method=method, budget=budget_label(budget), task=task, metric=name,
+                             value=float(value)))
+        n = (res.get("n-samples") or {}).get(task, {}).get("effective")
+        if n is not None:
+            rows.append(dict(model=model, method=method, budget=budget_label(budget), task=task,
+                             metric="n_samples", value=int(n)))
+    return rows
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return _jsonable(value.item())
+        except (ValueError, RuntimeError):
+            pass
+    if hasattr(value, "to_dict"):
+        return _jsonable(value.to_dict())
+    return str(value)
+
+
+def write_samples(out_dir: Path, res: dict, records: dict, method: str, budget) -> list[Path]:
+    """``samples/<method>_<budget>_<task>.jsonl`` per task, sorted by doc_id, with the backend's records."""
+    sample_dir = out_dir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    by_doc: dict[tuple, dict] = {}
+    for (task, doc_id, idx), record in records.items():
+        by_doc.setdefault((task, doc_id), {})[idx] = record
+    paths = []
+    for task, samples in (res.get("samples") or {}).items():
+        path = sample_dir / f"{method}_{budget_label(budget)}_{task}.jsonl"
+        with path.open("w") as f:
+            for s in sorted(samples, key=lambda s: s["doc_id"]):
+                line = {k: v for k, v in s.items() if k not in ("arguments", "doc_hash")}
+                line = {"task": task, "method": method, "budget": budget_label(budget), **line}
+                line["input"] = s["arguments"][0] if s.get("arguments") else None
+                recs = by_doc.get((task, s["doc_id"]), {})
+                line["records"] = [recs[i] for i in sorted(recs)]
+                f.write(json.dumps(_jsonable(line)) + "\n")
+        paths.append(path)
+    return paths
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Tasks as rows, one column per (method, budget), accuracy (n) per cell."""
+    metric_rows = [r for r in rows if r["metric"] != "n_samples"]
+    n = {(r["method"], r["budget"], r["task"]): r["value"] for r in rows if r["metric"] == "n_samples"}
+    columns = list(dict.fromkeys((r["method"], r["budget"]) for r in rows))
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in metric_rows))
+    value = {(r["method"], r["budget"], r["task"], r["metric"]): r["value"] for r in metric_rows}
+    header = ["task", "metric"] + [f"{m}@{b}" for m, b in columns]
+    table = [header]
+    for task, metric in keys:
+        cells_ = []
+        for m, b in columns:
+            v = value.get((m, b, task, metric))
+            cells_.append("-" if v is None else f"{v:.3f} (n={n.get((m, b, task), '?')})")
+        table.append([task, metric] + cells_)
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _quiet_progress_bars() -> None:
+    """Per-split dataset building and weight loading bars drown the evaluation progress."""
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # pragma: no cover - cosmetic
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic
+        pass
+
+
+def run(config: RunConfig, out=None) -> list[dict]:
+    """Evaluate every (method, budget) cell on the tasks and write the outputs. Returns the rows."""
+    def say(msg: str) -> None:
+        print(msg, file=out or sys.stdout, flush=True)
+
+    method_names = resolve_methods(config.methods)
+    budgets = parse_budgets(config.budgets)
+    grid = cells(method_names, budgets)
+    tasks = resolve_tasks(config.tasks)
+    model_path = resolve_model(config.model)
+    label = model_label(model_path, config.model_name)
+    limit = config.limit
+    if limit is not None and limit <= 0:
+        raise RunError(f"--limit must be positive, got {limit}")
+    out_dir = Path(config.output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+    lmms_compat.apply(log_level=config.log_level)
+    _quiet_progress_bars()
+    from lmms_eval.evaluator import simple_evaluate
+
+    from .lmms_backend import VTPLlava
+    from .testbed.data import TASKS_DIR
+
+    task_manager = lmms_compat.task_manager(TASKS_DIR)
+    known = set(task_manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        listed = ", ".join(sorted(n for n in known if not n.startswith("_")))
+        raise RunError(f"unknown task(s) {', '.join(map(repr, unknown))}; tasks in {TASKS_DIR}: {listed}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say(f"harness run: model {label} ({model_path}), {len(grid)} cell(s) x tasks {', '.join(tasks)}"
+        + (f", limit {limit:g}" if limit is not None else "") + f", output {out_dir}")
+    started = time.perf_counter()
+    try:
+        lm = VTPLlava(pretrained=str(model_path), device=config.device, dtype=config.dtype,
+                      batch_size=config.batch_size, **config.extra)
+    except ValueError as e:  # bad device/dtype/batch size
+        raise RunError(str(e)) from None
+    say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
+
+    rows: list[dict] = []
+    for i, (method, budget) in enumerate(grid, 1):
+        lm.configure(method, budget)
+        lm.pop_records()
+        say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget)} ...")
+        t0 = time.perf_counter()
+        try:
+            res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                  log_samples=True, bootstrap_iters=0, use_cache=None,
+                                  datetime_str=lmms_compat.fresh_datetime_str())
+        except Exception as e:
+            inner = lmms_compat.unwrap_retry_error(e)
+            if inner is not e:
+                raise inner from e
+            raise
+        cell_rows = summary_rows(res, label, method, budget)
+        rows += cell_rows
+        write_samples(out_dir, res, lm.pop_records(), method, budget)
+        results_dir = out_dir / "results"
+        results_dir.mkdir(exist_ok=True)
+        (results_dir / f"{method}_{budget_label(budget)}.json").write_text(
+            json.dumps(_jsonable({k: v for k, v in res.items() if k != "samples"}), indent=1))
+        write_summary(out_dir / "summary.csv", rows)  # after every cell: an interrupted sweep keeps its rows
+        acc = [r for r in cell_rows if r["metric"] == "accuracy"]
+        mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
+        say(f"      done in {time.perf_counter() - t0:.1f}s: mean accuracy {mean:.3f} over {len(acc)} task(s)")
+
+    say("")
+    say(format_table(rows))
+    say(f"\nwrote {out_dir / 'summary.csv'} ({len(rows)} rows) and {out_dir / 'samples'}/")
+    return rows
