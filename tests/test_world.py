@@ -33,7 +33,7 @@ def test_rendering_is_pinned():
     assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == PINNED_RENDER
 
 
-PINNED_RENDER = "2970bd6a7a1ffd90"
+PINNED_RENDER = "5eb6f29e867fdac7"
 
 
 def test_background_is_not_flat():

@@ -15,6 +15,8 @@ from pathlib import Path
 from . import questions as Q
 from . import world as W
 
+# The trained testbed model shipped with the project (made by `harness testbed train`).
+CHECKPOINT = Path(__file__).parent / "checkpoint"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", IMAGE_TOKEN)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -138,7 +138,7 @@ def gen_text(rng):
     n = int(rng.integers(2, 5))
     letters = [W.LETTERS[i] for i in rng.choice(len(W.LETTERS), n, replace=False)]
     colors = [W.COLOR_NAMES[i] for i in rng.choice(len(W.COLOR_NAMES), n, replace=False)]
-    wanted = [("letter", l, c, int(rng.integers(21, 33))) for l, c in zip(letters, colors)]
+    wanted = [("letter", l, c, int(rng.integers(26, 39))) for l, c in zip(letters, colors)]
     wanted += _distractors(rng, int(rng.integers(1, 6)))
     scene = _scene(rng, wanted)
     if scene is None:

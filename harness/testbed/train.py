@@ -35,9 +35,9 @@ STD = np.array(M.CLIP_STD, np.float32)[:, None, None]
 @dataclass
 class Recipe:
     seed: int = 0
-    vision_steps: int = 220
+    vision_steps: int = 600
     vision_batch: int = 32
-    vision_lr: float = 2e-3
+    vision_lr: float = 3e-3
     align_steps: int = 80
     align_batch: int = 32
     align_lr: float = 3e-3
@@ -128,6 +128,32 @@ def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> l
     return scenes
 
 
+def make_batch(recipe: Recipe, stage: str, step: int, tokenizer, image_token_id: int) -> dict:
+    """Everything one training step consumes: a pure function of (recipe, stage, step)."""
+    if stage == "instruct":
+        return collate(instruct_samples(recipe, step), tokenizer, image_token_id)
+    offset, batch = (1, recipe.vision_batch) if stage == "vision" else (2, recipe.align_batch)
+    scenes = vision_scenes(recipe, offset, step, batch)
+    return {"pixel_values": pixels(scenes), "targets": dense_targets(scenes)}
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """Batches for steps start..total-1, built in a worker process while the model trains."""
+
+    def __init__(self, recipe, stage, start, total, tokenizer, image_token_id):
+        super().__init__()
+        self.args = (recipe, stage, start, total, tokenizer, image_token_id)
+
+    def __iter__(self):
+        recipe, stage, start, total, tokenizer, image_token_id = self.args
+        for step in range(start, total):
+            yield make_batch(recipe, stage, step, tokenizer, image_token_id)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
 # ----------------------------------------------------------------------------- heads for stages 1-2
 
 class VisionHeads(torch.nn.Module):
@@ -160,20 +186,26 @@ def vision_features(model, pixel_values):
     return out.hidden_states[model.config.vision_feature_layer]
 
 
-def vision_loss(model, heads, scenes):
-    t = dense_targets(scenes)
-    feats = vision_features(model, pixels(scenes)).float()
+def vision_loss(model, heads, batch):
+    t = batch["targets"]
+    feats = vision_features(model, batch["pixel_values"]).float()
     cls, patches = feats[:, 0], feats[:, 1:]
+    kind_logits, color_logits = heads.kind(patches), heads.color(patches)
+    fg = t["kind"] > 0
+    # Objects cover ~15% of patches: their kind and colour get a loss of their own, not diluted by background.
     losses = {
-        "kind": F.cross_entropy(heads.kind(patches).flatten(0, 1), t["kind"].flatten()),
-        "color": F.cross_entropy(heads.color(patches).flatten(0, 1), t["color"].flatten()),
+        "kind": F.cross_entropy(kind_logits.flatten(0, 1), t["kind"].flatten())
+        + F.cross_entropy(kind_logits[fg], t["kind"][fg]),
+        "color": F.cross_entropy(color_logits.flatten(0, 1), t["color"].flatten())
+        + F.cross_entropy(color_logits[fg], t["color"][fg]),
         "center": F.binary_cross_entropy_with_logits(heads.center(patches).squeeze(-1), t["center"],
                                                      pos_weight=torch.tensor(20.0)),
-        "position": F.mse_loss(heads.position(patches), t["position"]) * 10,
+        "position": F.mse_loss(heads.position(patches), t["position"]) * 3,
         "present": F.binary_cross_entropy_with_logits(heads.present(cls), t["present"]),
     }
-    kind_acc = (heads.kind(patches).argmax(-1) == t["kind"])[t["kind"] > 0].float().mean()
-    return sum(losses.values()), {**{k: float(v) for k, v in losses.items()}, "kind_acc_fg": float(kind_acc)}
+    centre = t["center"] > 0
+    kind_acc = (kind_logits.argmax(-1) == t["kind"])[centre].float().mean()
+    return sum(losses.values()), {**{k: float(v) for k, v in losses.items()}, "kind_acc_centre": float(kind_acc)}
 
 
 def word_ids(tokenizer, words):
@@ -181,11 +213,11 @@ def word_ids(tokenizer, words):
     return [i[0] for i in ids]  # the tokenizer corpus makes each of these one token
 
 
-def align_loss(model, tokenizer, scenes, position_head):
+def align_loss(model, tokenizer, batch, position_head):
     """Projector outputs read through the LLM's own embedding matrix should name the patch's words."""
-    t = dense_targets(scenes)
+    t = batch["targets"]
     with torch.no_grad():
-        feats = vision_features(model, pixels(scenes))[:, 1:]
+        feats = vision_features(model, batch["pixel_values"])[:, 1:]
     projected = model.model.multi_modal_projector(feats).float()
     emb = model.model.language_model.embed_tokens.weight.detach().float()
     kind_words = word_ids(tokenizer, W.SHAPES + W.LETTERS)
@@ -322,13 +354,16 @@ class Trainer:
                 self.state = {"stage": name, "step": 0}
                 self._make_optimizer()
             bar = tqdm(total=total, initial=self.state["step"], desc=f"stage {name}", unit="step")
-            while self.state["step"] < total:
+            batches = torch.utils.data.DataLoader(
+                StepBatches(r, name, self.state["step"], total, self.tokenizer, self.image_token_id),
+                batch_size=None, num_workers=1, prefetch_factor=2, worker_init_fn=_worker_init)
+            for batch in batches:
                 step = self.state["step"]
                 lr = lr_at(step, total, peak, r.warmup)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 with self._autocast():
-                    loss, info = self._loss(name, step)
+                    loss, info = self._loss(name, batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
                 self.optimizer.step()
@@ -347,16 +382,14 @@ class Trainer:
         self.state = {"stage": "done", "step": 0}
         self.save_checkpoint()
 
-    def _loss(self, stage, step):
-        r = self.recipe
+    def _loss(self, stage, batch):
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else
+                     {n: t.to(self.device) for n, t in v.items()}) for k, v in batch.items()}
         if stage == "vision":
-            return vision_loss(self.model, self.heads, vision_scenes(r, 1, step, r.vision_batch))
+            return vision_loss(self.model, self.heads, batch)
         if stage == "align":
-            return align_loss(self.model, self.tokenizer, vision_scenes(r, 2, step, r.align_batch), self.align_head)
-        batch = collate(instruct_samples(r, step), self.tokenizer, self.image_token_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        out = self.model(**batch)
-        return out.loss, {}
+            return align_loss(self.model, self.tokenizer, batch, self.align_head)
+        return self.model(**batch).loss, {}
 
     def export(self, path: str | Path):
         self.model.eval()

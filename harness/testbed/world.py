@@ -214,7 +214,7 @@ def sample_size(rng: np.random.Generator, small_bias: float = 0.4) -> int:
     """Object sizes from about one patch to large regions, biased to small ones."""
     r = rng.random()
     if r < small_bias:
-        return int(rng.integers(18, 30))
+        return int(rng.integers(22, 32))
     if r < 0.85:
-        return int(rng.integers(30, 64))
+        return int(rng.integers(32, 64))
     return int(rng.integers(64, 112))
