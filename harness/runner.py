@@ -34,7 +34,7 @@ from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and th
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The shipped testbed model (made by `harness testbed train`).
-DEFAULT_MODEL = getattr(_testbed_model, "CHECKPOINT", REPO_ROOT / "harness" / "testbed" / "checkpoint")
+DEFAULT_MODEL = _testbed_model.CHECKPOINT
 DEFAULT_TASKS = ("testbed",)
 SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")
 NO_BUDGET = "full"  # the budget label of methods that keep every token

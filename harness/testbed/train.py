@@ -35,13 +35,13 @@ STD = np.array(M.CLIP_STD, np.float32)[:, None, None]
 @dataclass
 class Recipe:
     seed: int = 0
-    vision_steps: int = 600
+    vision_steps: int = 900
     vision_batch: int = 32
     vision_lr: float = 3e-3
     align_steps: int = 80
     align_batch: int = 32
     align_lr: float = 3e-3
-    instruct_steps: int = 1200
+    instruct_steps: int = 1000
     instruct_lr: float = 1.5e-3
     single_batch: int = 32
     multi_batch: int = 8
