@@ -63,3 +63,24 @@ def test_shipped_model_answers_testbed_questions(family):
     answers = T.generate_answers(model, processor, samples, batch_size=8)
     accuracy = np.mean([T.normalise(a) == T.normalise(s["answer"]) for a, s in zip(answers, samples)])
     assert accuracy >= 0.75, (family, accuracy, answers)
+
+
+def test_training_conversation_is_what_the_chat_template_renders():
+    """Multi-turn training samples are tokenised exactly as the processor's chat template renders them,
+    with labels on every answer (and its </s>) and nowhere else."""
+    _, processor = M.build_model(M.TINY)
+    tok = processor.tokenizer
+    sample = T.instruct_samples(T.Recipe(), 0)[1]
+    assert len(sample["turns"]) == T.Recipe().turns - 1
+    image_id = tok.convert_tokens_to_ids(M.IMAGE_TOKEN)
+    ids, labels = T.encode(tok, image_id, sample)
+    messages = [{"role": "user", "content": [{"type": "image"}] + [{"type": "text", "text": sample["question"]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": sample["answer"]}]}]
+    for q, a in sample["turns"]:
+        messages += [{"role": "user", "content": [{"type": "text", "text": q}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    rendered = processor.apply_chat_template(messages)
+    collapsed = [i for k, i in enumerate(ids) if i != image_id or ids[k - 1] != image_id]  # 576 -> 1 placeholder
+    assert collapsed == tok(rendered)["input_ids"] and ids.count(image_id) == 576
+    answers = [sample["answer"]] + [a for _, a in sample["turns"]]
+    assert tok.decode([l for l in labels if l != -100]) == "".join(f" {a}</s>" for a in answers)

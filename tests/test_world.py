@@ -139,3 +139,27 @@ def test_unknown_family_or_split_is_a_clear_error():
         Q.make_sample("test", "nope", 0)
     with pytest.raises(ValueError, match="unknown split"):
         Q.make_sample("dev", "exist", 0)
+
+
+@pytest.mark.parametrize("family", Q.FAMILIES)
+def test_derived_training_questions_are_true(family):
+    """Training conversations ask more questions about the same images; each answer must hold."""
+    for index in range(8):
+        sample = Q.make_sample("train", family, index)
+        for question, answer in Q.derived_questions(sample, np.random.default_rng(index)):
+            objs = _objects(sample)
+            if question.startswith("Is there a ") or question.startswith("Does a "):
+                color, shape = question.split(" a ", 1)[1].split(" in the image")[0].split(" appear")[0].split()
+                assert answer == ("yes" if any((o["color"], o["name"]) == (color, shape) for o in objs) else "no")
+            elif question.startswith("How many "):
+                shape = {v: k for k, v in W.PLURAL.items()}[question.split()[2]]
+                assert answer == str(sum(o["name"] == shape for o in objs))
+            elif question.startswith("What color is the ") or question.startswith("One of the images"):
+                shape = question.split("the ")[1].split("?")[0] if "What color is the" in question[:20] \
+                    else question.split("shows a ")[1].split(".")[0]
+                assert [o["color"] for o in objs if o["name"] == shape] == [answer]
+            elif question.startswith("Which letter"):
+                color = question.split("written in ")[1].split("?")[0]
+                assert [o["name"] for o in objs if o["kind"] == "letter" and o["color"] == color] == [answer]
+            else:
+                assert question.startswith("Where is the ") and answer in ("left", "right", "above", "below")

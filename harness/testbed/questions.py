@@ -19,6 +19,17 @@ VIDEO_FRAMES = 8
 COUNT_RANGE = (1, 4)
 
 
+# The question templates, shared by the evaluation families and the training conversations.
+def ask_exist(color, shape): return f"Is there a {color} {shape} in the image? Answer yes or no."
+def ask_count(shape): return f"How many {W.PLURAL[shape]} are there in the image? Answer with a number."
+def ask_color(shape): return f"What color is the {shape}? Answer with one word."
+def ask_spatial(c1, s1, c2, s2):
+    return f"Where is the {c1} {s1} relative to the {c2} {s2}? Answer left, right, above or below."
+def ask_text(color): return f"Which letter is written in {color}? Answer with one letter."
+def ask_multi_image(shape): return f"One of the images shows a {shape}. What color is it? Answer with one word."
+def ask_video(color, shape): return f"Does a {color} {shape} appear in the video? Answer yes or no."
+
+
 def _pick(rng, seq, exclude=()):
     options = [x for x in seq if x not in exclude]
     return options[int(rng.integers(len(options)))]
@@ -66,7 +77,7 @@ def gen_exist(rng):
         return None
     target = _ids(scene, lambda o: (o["color"], o["name"]) == (color, shape))
     near = _ids(scene, lambda o: o["color"] == color or o["name"] == shape)
-    return _single(f"Is there a {color} {shape} in the image? Answer yes or no.",
+    return _single(ask_exist(color, shape),
                    "yes" if present else "no", scene, target if present else near)
 
 
@@ -78,7 +89,7 @@ def gen_count(rng):
     scene = _scene(rng, wanted)
     if scene is None:
         return None
-    return _single(f"How many {W.PLURAL[shape]} are there in the image? Answer with a number.",
+    return _single(ask_count(shape),
                    str(k), scene, _ids(scene, lambda o: o["name"] == shape))
 
 
@@ -89,7 +100,7 @@ def gen_color(rng):
     scene = _scene(rng, wanted)
     if scene is None:
         return None
-    return _single(f"What color is the {shape}? Answer with one word.", color, scene,
+    return _single(ask_color(shape), color, scene,
                    _ids(scene, lambda o: o["name"] == shape))
 
 
@@ -100,7 +111,6 @@ def gen_color_mc(rng):
     others = [c for c in W.COLOR_NAMES if c != sample["answer"]]
     choices = [sample["answer"]] + [others[i] for i in rng.choice(len(others), 3, replace=False)]
     choices = [choices[i] for i in rng.permutation(4)]
-    sample["question"] = sample["question"].replace("Answer with one word.", "Answer with one word.")
     return {**sample, "choices": choices, "answer_index": choices.index(sample["answer"])}
 
 
@@ -130,7 +140,7 @@ def gen_spatial(rng):
     relation = _relation(scene["objects"][0]["box"], scene["objects"][1]["box"])
     if relation is None:
         return None
-    return _single(f"Where is the {c1} {s1} relative to the {c2} {s2}? Answer left, right, above or below.",
+    return _single(ask_spatial(c1, s1, c2, s2),
                    relation, scene, [0, 1])
 
 
@@ -145,7 +155,7 @@ def gen_text(rng):
         return None
     target = int(rng.integers(n))
     ids = _ids(scene, lambda o: o["kind"] == "letter" and o["name"] == letters[target])
-    return _single(f"Which letter is written in {colors[target]}? Answer with one letter.",
+    return _single(ask_text(colors[target]),
                    letters[target], scene, ids)
 
 
@@ -166,7 +176,7 @@ def gen_multi_image(rng):
         if i == holder:
             ids = _ids(scene, lambda o: o["name"] == shape)
             evidence += [i * W.GRID * W.GRID + p for p in W.evidence_patches(scene, ids)]
-    return {"question": f"One of the images shows a {shape}. What color is it? Answer with one word.",
+    return {"question": ask_multi_image(shape),
             "answer": color, "scenes": scenes, "evidence": evidence}
 
 
@@ -202,8 +212,54 @@ def gen_video(rng):
         target = _ids(scene, lambda o: (o["color"], o["name"]) == (color, shape)) if present else \
             _ids(scene, lambda o: o["color"] == color or o["name"] == shape)
         evidence += [t * W.GRID * W.GRID + p for p in W.evidence_patches(scene, target)]
-    return {"question": f"Does a {color} {shape} appear in the video? Answer yes or no.",
+    return {"question": ask_video(color, shape),
             "answer": "yes" if present else "no", "scenes": scenes, "evidence": evidence}
+
+
+# ----------------------------------------------------------------------------- training conversations
+
+def _scene_questions(scene, rng):
+    """Every question of the single-image families that has one true answer in this scene."""
+    shapes = [o for o in scene["objects"] if o["kind"] == "shape"]
+    letters = [o for o in scene["objects"] if o["kind"] == "letter"]
+    combos = [(o["color"], o["name"]) for o in shapes]
+    out = [(ask_exist(c, s), "yes") for c, s in set(combos)]
+    absent = [(c, s) for c in W.COLOR_NAMES for s in W.SHAPES if (c, s) not in combos
+              and any(c == pc or s == ps for pc, ps in combos)]  # hard negatives first
+    out += [(ask_exist(c, s), "no") for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(set(combos))])]
+    for shape in set(o["name"] for o in shapes):
+        same = [o for o in shapes if o["name"] == shape]
+        if COUNT_RANGE[0] <= len(same) <= COUNT_RANGE[1]:
+            out.append((ask_count(shape), str(len(same))))
+        if len(same) == 1:
+            out.append((ask_color(shape), same[0]["color"]))
+    unique = [o for o in shapes if combos.count((o["color"], o["name"])) == 1]
+    for a in unique:
+        for b in unique:
+            relation = _relation(a["box"], b["box"]) if a["name"] != b["name"] else None
+            if relation:
+                out.append((ask_spatial(a["color"], a["name"], b["color"], b["name"]), relation))
+    letter_colors = [o["color"] for o in letters]
+    out += [(ask_text(o["color"]), o["name"]) for o in letters if letter_colors.count(o["color"]) == 1]
+    return out
+
+
+def derived_questions(sample: dict, rng) -> list[tuple[str, str]]:
+    """Further (question, answer) pairs about a sample's images, for multi-turn training conversations
+    (LLaVA's instruction data asks many questions per image); shuffled."""
+    if sample["family"] == "multi_image":
+        shapes = [o["name"] for sc in sample["scenes"] for o in sc["objects"]]
+        out = [(ask_multi_image(o["name"]), o["color"]) for sc in sample["scenes"] for o in sc["objects"]
+               if shapes.count(o["name"]) == 1]
+    elif sample["family"] == "video":
+        seen = {(o["color"], o["name"]) for sc in sample["scenes"] for o in sc["objects"]}
+        absent = [(c, s) for c in W.COLOR_NAMES for s in W.SHAPES if (c, s) not in seen]
+        out = [(ask_video(c, s), "yes") for c, s in seen]
+        out += [(ask_video(c, s), "no") for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(seen)])]
+    else:
+        out = _scene_questions(sample["scenes"][0], rng)
+    out = [qa for qa in out if qa[0] != sample["question"]]
+    return [out[i] for i in rng.permutation(len(out))]
 
 
 GENERATORS = {

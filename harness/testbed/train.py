@@ -28,6 +28,7 @@ from . import model as M
 from . import questions as Q
 from . import world as W
 
+FAMILIES_SEED = 7  # separates the conversation draws from the scene draws
 MEAN = np.array(M.CLIP_MEAN, np.float32)[:, None, None]
 STD = np.array(M.CLIP_STD, np.float32)[:, None, None]
 
@@ -41,7 +42,7 @@ class Recipe:
     align_steps: int = 80
     align_batch: int = 32
     align_lr: float = 3e-3
-    instruct_steps: int = 1000
+    instruct_steps: int = 900
     instruct_lr: float = 1.5e-3
     single_batch: int = 32
     multi_batch: int = 8
@@ -50,6 +51,7 @@ class Recipe:
     cycle: int = 6
     multi_slots: tuple = (2,)
     video_slots: tuple = (5,)
+    turns: int = 8  # questions per training conversation
     warmup: int = 30
     eval_every: int = 200
     eval_samples: int = 40
@@ -66,13 +68,30 @@ def pixels(scenes: list[dict]) -> torch.Tensor:
 
 
 def encode(tokenizer, image_token_id: int, sample: dict, with_answer: bool = True):
-    """input ids (image placeholders expanded to 576 each) and labels on the answer tokens only."""
+    """input ids (image placeholders expanded to 576 each) and labels on the answer tokens only.
+
+    A sample may carry `turns`: further (question, answer) pairs asked about the same images, rendered
+    as later conversation turns exactly as the chat template does ("</s>USER: q ASSISTANT: a</s>").
+    """
     prompt = M.format_prompt(sample["question"], len(sample["scenes"]))
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + " " + sample["answer"] + "</s>")["input_ids"] if with_answer else prompt_ids
-    if ids[:len(prompt_ids)] != prompt_ids:
-        raise RuntimeError(f"prompt tokenisation is not a prefix of the full text: {prompt!r}")
-    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+    ids = tokenizer(prompt)["input_ids"]
+    labels = [-100] * len(ids)
+    text = prompt
+    turns = [(None, sample["answer"])] + list(sample.get("turns", ())) if with_answer else []
+    for question, answer in turns:
+        if question is not None:
+            text += f"USER: {question} ASSISTANT:"
+            prefix = tokenizer(text)["input_ids"]
+            if prefix[:len(ids)] != ids:
+                raise RuntimeError(f"tokenisation is not incremental at {question!r}")
+            labels += [-100] * (len(prefix) - len(ids))
+            ids = prefix
+        text += " " + answer + "</s>"
+        full = tokenizer(text)["input_ids"]
+        if full[:len(ids)] != ids:
+            raise RuntimeError(f"tokenisation is not incremental at answer {answer!r}")
+        labels += full[len(ids):]
+        ids = full
     out_ids, out_labels = [], []
     for tok, lab in zip(ids, labels):
         n = W.GRID * W.GRID if tok == image_token_id else 1
@@ -107,13 +126,20 @@ def instruct_kind(recipe: Recipe, step: int) -> str:
 
 
 def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
+    """The step's samples, each a conversation: its own question, then up to `turns - 1` more."""
     kind = instruct_kind(recipe, step)
     if kind == "single":
         fams = single_families()
-        return [Q.make_sample("train", fams[j % len(fams)], step * recipe.single_batch + j)
-                for j in range(recipe.single_batch)]
-    batch = recipe.multi_batch if kind == "multi_image" else recipe.video_batch
-    return [Q.make_sample("train", kind, step * batch + j) for j in range(batch)]
+        picks = [(fams[j % len(fams)], step * recipe.single_batch + j) for j in range(recipe.single_batch)]
+    else:
+        batch = recipe.multi_batch if kind == "multi_image" else recipe.video_batch
+        picks = [(kind, step * batch + j) for j in range(batch)]
+    samples = []
+    for family, index in picks:
+        sample = Q.make_sample("train", family, index)
+        rng = np.random.default_rng([recipe.seed, FAMILIES_SEED, Q.FAMILIES.index(family), index])
+        samples.append({**sample, "turns": Q.derived_questions(sample, rng)[:recipe.turns - 1]})
+    return samples
 
 
 def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> list[dict]:
