@@ -15,7 +15,7 @@ def _testbed_train(args) -> int:
             setattr(recipe, key, getattr(args, key))
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
     trainer.run()
-    trainer.export(args.output)
+    trainer.export(args.output, command=" ".join(["harness"] + sys.argv[1:]))
     print(f"saved the trained testbed model to {args.output}")
     return 0
 

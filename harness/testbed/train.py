@@ -52,6 +52,9 @@ class Recipe:
     multi_slots: tuple = (2,)
     video_slots: tuple = (5,)
     turns: int = 8  # questions per training conversation
+    # Single-image scenes start reduced to 1, 2, ... objects, whole after `curriculum_steps`.
+    curriculum_steps: int = 300
+    curriculum_max_objects: int = 6
     warmup: int = 30
     eval_every: int = 200
     eval_samples: int = 40
@@ -138,8 +141,37 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
     for family, index in picks:
         sample = Q.make_sample("train", family, index)
         rng = np.random.default_rng([recipe.seed, FAMILIES_SEED, Q.FAMILIES.index(family), index])
-        samples.append({**sample, "turns": Q.derived_questions(sample, rng)[:recipe.turns - 1]})
+        keep = curriculum_objects(recipe, step)
+        if keep is not None and kind == "single":
+            sample = reduced(sample, keep, rng)
+            if sample is None:
+                continue
+        turns = sample.pop("derived", None)
+        if turns is None:
+            turns = Q.derived_questions(sample, rng)
+        samples.append({**sample, "turns": turns[:recipe.turns - 1]})
     return samples
+
+
+def curriculum_objects(recipe: Recipe, step: int) -> int | None:
+    """Objects per scene early in instruction tuning (1, 2, ...), None once scenes are whole."""
+    if step >= recipe.curriculum_steps:
+        return None
+    return 1 + (step * recipe.curriculum_max_objects) // recipe.curriculum_steps
+
+
+def reduced(sample: dict, keep: int, rng) -> dict | None:
+    """The sample's scene with only `keep` of its objects, asked about through derived questions
+    (the family's own question may no longer hold, so the first turn is a derived one too)."""
+    scene = sample["scenes"][0]
+    chosen = sorted(rng.permutation(len(scene["objects"]))[:keep])
+    scene = {**scene, "objects": [scene["objects"][i] for i in chosen]}
+    small = {**sample, "scenes": [scene], "question": ""}
+    questions = Q.derived_questions(small, rng)
+    if not questions:
+        return None
+    (question, answer), rest = questions[0], questions[1:]
+    return {**small, "question": question, "answer": answer, "derived": rest}
 
 
 def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> list[dict]:
@@ -417,6 +449,12 @@ class Trainer:
             return align_loss(self.model, self.tokenizer, batch, self.align_head)
         return self.model(**batch).loss, {}
 
-    def export(self, path: str | Path):
+    def export(self, path: str | Path, command: str = ""):
+        """The model in llava-hf form, with the recipe, the command and the training log beside it."""
+        import shutil
+
         self.model.eval()
         M.save(self.model.float().cpu(), self.processor, path, M.ModelDims(**self.recipe.dims))
+        (Path(path) / "training_recipe.json").write_text(
+            json.dumps({"command": command, "recipe": asdict(self.recipe)}, indent=2))
+        shutil.copy(self.out / "train_log.jsonl", Path(path) / "train_log.jsonl")
