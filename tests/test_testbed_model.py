@@ -70,7 +70,7 @@ def test_training_conversation_is_what_the_chat_template_renders():
     with labels on every answer (and its </s>) and nowhere else."""
     _, processor = M.build_model(M.TINY)
     tok = processor.tokenizer
-    sample = T.instruct_samples(T.Recipe(), 0)[1]
+    sample = T.instruct_samples(T.Recipe(curriculum_steps=0), 0)[1]
     assert len(sample["turns"]) == T.Recipe().turns - 1
     image_id = tok.convert_tokens_to_ids(M.IMAGE_TOKEN)
     ids, labels = T.encode(tok, image_id, sample)
