@@ -10,7 +10,7 @@ def _testbed_train(args) -> int:
     from .testbed import train as T
 
     recipe = T.Recipe(seed=args.seed)
-    for key in ("vision_steps", "align_steps", "instruct_steps"):
+    for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vision-steps", dest="vision_steps", type=int)
     train.add_argument("--align-steps", dest="align_steps", type=int)
     train.add_argument("--instruct-steps", dest="instruct_steps", type=int)
+    train.add_argument("--instruct-lr", dest="instruct_lr", type=float)
+    train.add_argument("--curriculum-steps", dest="curriculum_steps", type=int)
     train.set_defaults(func=_testbed_train)
     return parser
 
