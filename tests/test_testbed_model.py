@@ -64,7 +64,7 @@ def test_shipped_model_answers_testbed_questions(family):
     model = LlavaForConditionalGeneration.from_pretrained(M.CHECKPOINT).eval()
     samples = [Q.make_sample("test", family, i) for i in range(16)]
     answers = T.generate_answers(model, processor, samples, batch_size=8)
-    accuracy = np.mean([T.normalise(a) == T.normalise(s["answer"]) for a, s in zip(answers, samples)])
+    accuracy = np.mean([Q.normalize_answer(a) == Q.normalize_answer(s["answer"]) for a, s in zip(answers, samples)])
     assert accuracy >= 0.75, (family, accuracy, answers)
 
 
@@ -95,5 +95,5 @@ def test_shipped_model_loads_and_answers_in_the_answer_vocabulary():
     vocab = {"exist": {"yes", "no"}, "color": set(W.COLOR_NAMES), "count": {"1", "2", "3", "4"}}
     for family, allowed in vocab.items():
         samples = [Q.make_sample("test", family, i) for i in range(4)]
-        answers = {T.normalise(a) for a in T.generate_answers(model, processor, samples, batch_size=4)}
+        answers = {Q.normalize_answer(a) for a in T.generate_answers(model, processor, samples, batch_size=4)}
         assert answers <= allowed, (family, answers)

@@ -19,6 +19,13 @@ VIDEO_FRAMES = 8
 COUNT_RANGE = (1, 4)
 
 
+def normalize_answer(text) -> str:
+    """How an answer is compared with the truth: case-insensitive, surrounding whitespace and
+    trailing periods removed (used by the task scoring and the training-time validation alike)."""
+    text = "" if text is None else str(text)
+    return text.strip().rstrip(".").strip().lower()
+
+
 # The question templates, shared by the evaluation families and the training conversations.
 def ask_exist(color, shape): return f"Is there a {color} {shape} in the image? Answer yes or no."
 def ask_count(shape): return f"How many {W.PLURAL[shape]} are there in the image? Answer with a number."

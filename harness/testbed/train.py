@@ -294,10 +294,6 @@ def align_loss(model, tokenizer, batch, position_head):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def normalise(text: str) -> str:
-    return text.strip().strip(".").strip().lower()
-
-
 @torch.no_grad()
 def generate_answers(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 4) -> list[str]:
     """Greedy answers through the public processor path (left padding), as a user would run it."""
@@ -318,7 +314,8 @@ def quick_eval(model, processor, split: str, n: int, families=Q.FAMILIES) -> dic
     for fam in families:
         samples = [Q.make_sample(split, fam, i) for i in range(n)]
         answers = generate_answers(model, processor, samples, batch_size=4 if fam == "video" else 8)
-        result[fam] = float(np.mean([normalise(a) == normalise(s["answer"]) for a, s in zip(answers, samples)]))
+        correct = [Q.normalize_answer(a) == Q.normalize_answer(s["answer"]) for a, s in zip(answers, samples)]
+        result[fam] = float(np.mean(correct))
     model.train()
     return result
 

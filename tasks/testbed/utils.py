@@ -17,6 +17,7 @@ try:
 except ImportError:  # lmms-eval run without the repo on sys.path: tasks/testbed/ -> repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from harness.testbed import data as _data
+from harness.testbed.questions import normalize_answer
 from harness.testbed.world import render_pil
 
 _data.verify_cached(Path(__file__).resolve().parent / "data")
@@ -37,12 +38,6 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None) -> str:
     """The bare question: the model backend adds the chat template and image placeholders."""
     kwargs = lmms_eval_specific_kwargs or {}
     return f"{kwargs.get('pre_prompt', '')}{doc['question']}{kwargs.get('post_prompt', '')}"
-
-
-def normalize_answer(text) -> str:
-    """Case-insensitive, surrounding whitespace and trailing periods removed."""
-    text = "" if text is None else str(text)
-    return text.strip().rstrip(".").strip().lower()
 
 
 def process_results(doc, results) -> dict:
