@@ -119,10 +119,6 @@ def collate(samples, tokenizer, image_token_id):
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "pixel_values": pixels(scenes)}
 
 
-def single_families():
-    return list(Q.SINGLE_IMAGE_FAMILIES)
-
-
 def instruct_kind(recipe: Recipe, step: int) -> str:
     slot = step % recipe.cycle
     return "multi_image" if slot in recipe.multi_slots else "video" if slot in recipe.video_slots else "single"
@@ -132,7 +128,7 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
     """The step's samples, each a conversation: its own question, then up to `turns - 1` more."""
     kind = instruct_kind(recipe, step)
     if kind == "single":
-        fams = single_families()
+        fams = Q.SINGLE_IMAGE_FAMILIES
         picks = [(fams[j % len(fams)], step * recipe.single_batch + j) for j in range(recipe.single_batch)]
     else:
         batch = recipe.multi_batch if kind == "multi_image" else recipe.video_batch
@@ -144,12 +140,10 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
         keep = curriculum_objects(recipe, step)
         if keep is not None and kind == "single":
             sample = reduced(sample, keep, rng)
-            if sample is None:
-                continue
-        turns = sample.pop("derived", None)
-        if turns is None:
-            turns = Q.derived_questions(sample, rng)
-        samples.append({**sample, "turns": turns[:recipe.turns - 1]})
+        else:
+            sample = {**sample, "turns": Q.derived_questions(sample, rng)}
+        if sample is not None:
+            samples.append({**sample, "turns": sample["turns"][:recipe.turns - 1]})
     return samples
 
 
@@ -171,7 +165,7 @@ def reduced(sample: dict, keep: int, rng) -> dict | None:
     if not questions:
         return None
     (question, answer), rest = questions[0], questions[1:]
-    return {**small, "question": question, "answer": answer, "derived": rest}
+    return {**small, "question": question, "answer": answer, "turns": rest}
 
 
 def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> list[dict]:
