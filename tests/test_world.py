@@ -163,3 +163,18 @@ def test_derived_training_questions_are_true(family):
                 assert [o["name"] for o in objs if o["kind"] == "letter" and o["color"] == color] == [answer]
             else:
                 assert question.startswith("Where is the ") and answer in ("left", "right", "above", "below")
+
+
+def test_training_conversations_do_not_depend_on_the_hash_seed():
+    """Batches are a pure function of (stage, step), so a resumed run trains on the same data:
+    nothing may follow the order of a set of strings, which PYTHONHASHSEED changes."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np; from harness.testbed import questions as Q; "
+            "print(json.dumps([Q.derived_questions(Q.make_sample('train', f, i), np.random.default_rng(i)) "
+            "for f in Q.FAMILIES for i in range(3)]))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1

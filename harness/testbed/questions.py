@@ -230,11 +230,12 @@ def _scene_questions(scene, rng):
     shapes = [o for o in scene["objects"] if o["kind"] == "shape"]
     letters = [o for o in scene["objects"] if o["kind"] == "letter"]
     combos = [(o["color"], o["name"]) for o in shapes]
-    out = [(ask_exist(c, s), "yes") for c, s in set(combos)]
+    present = sorted(set(combos))  # sorted: set order varies with PYTHONHASHSEED
+    out = [(ask_exist(c, s), "yes") for c, s in present]
     absent = [(c, s) for c in W.COLOR_NAMES for s in W.SHAPES if (c, s) not in combos
               and any(c == pc or s == ps for pc, ps in combos)]  # hard negatives first
-    out += [(ask_exist(c, s), "no") for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(set(combos))])]
-    for shape in set(o["name"] for o in shapes):
+    out += [(ask_exist(c, s), "no") for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(present)])]
+    for shape in sorted(set(o["name"] for o in shapes)):
         same = [o for o in shapes if o["name"] == shape]
         if COUNT_RANGE[0] <= len(same) <= COUNT_RANGE[1]:
             out.append((ask_count(shape), str(len(same))))
@@ -259,7 +260,7 @@ def derived_questions(sample: dict, rng) -> list[tuple[str, str]]:
         out = [(ask_multi_image(o["name"]), o["color"]) for sc in sample["scenes"] for o in sc["objects"]
                if shapes.count(o["name"]) == 1]
     elif sample["family"] == "video":
-        seen = {(o["color"], o["name"]) for sc in sample["scenes"] for o in sc["objects"]}
+        seen = sorted({(o["color"], o["name"]) for sc in sample["scenes"] for o in sc["objects"]})
         absent = [(c, s) for c in W.COLOR_NAMES for s in W.SHAPES if (c, s) not in seen]
         out = [(ask_video(c, s), "yes") for c, s in seen]
         out += [(ask_video(c, s), "no") for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(seen)])]
