@@ -10,7 +10,8 @@ def _testbed_train(args) -> int:
     from .testbed import train as T
 
     recipe = T.Recipe(seed=args.seed)
-    for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps"):
+    for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps",
+                "attention_weight", "turns", "vision_from"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--instruct-steps", dest="instruct_steps", type=int)
     train.add_argument("--instruct-lr", dest="instruct_lr", type=float)
     train.add_argument("--curriculum-steps", dest="curriculum_steps", type=int)
+    train.add_argument("--attention-weight", dest="attention_weight", type=float,
+                       help="weight of the evidence-attention loss (0 turns it off)")
+    train.add_argument("--turns", type=int, help="questions per training conversation")
+    train.add_argument("--vision-from", dest="vision_from",
+                       help="take the vision tower from this llava-hf checkpoint and skip stage 1")
     train.set_defaults(func=_testbed_train)
     return parser
 

@@ -68,25 +68,45 @@ def test_shipped_model_answers_testbed_questions(family):
     assert accuracy >= 0.75, (family, accuracy, answers)
 
 
-def test_training_conversation_is_what_the_chat_template_renders():
-    """Multi-turn training samples are tokenised exactly as the processor's chat template renders them,
-    with labels on every answer (and its </s>) and nowhere else."""
+def test_each_training_question_sees_exactly_its_single_turn_prompt():
+    """Training packs 8 questions about one image into one sequence. Through the attention mask and
+    position ids, each must see exactly the tokens and positions of the prompt the processor builds
+    for it alone (what the evaluation asks), followed by its answer and </s>, labelled."""
     _, processor = M.build_model(M.TINY)
     tok = processor.tokenizer
-    sample = T.instruct_samples(T.Recipe(curriculum_steps=0), 0)[1]
-    assert len(sample["turns"]) == T.Recipe().turns - 1
     image_id = tok.convert_tokens_to_ids(M.IMAGE_TOKEN)
-    ids, labels = T.encode(tok, image_id, sample)
-    messages = [{"role": "user", "content": [{"type": "image"}] + [{"type": "text", "text": sample["question"]}]},
-                {"role": "assistant", "content": [{"type": "text", "text": sample["answer"]}]}]
-    for q, a in sample["turns"]:
-        messages += [{"role": "user", "content": [{"type": "text", "text": q}]},
-                     {"role": "assistant", "content": [{"type": "text", "text": a}]}]
-    rendered = processor.apply_chat_template(messages)
-    collapsed = [i for k, i in enumerate(ids) if i != image_id or ids[k - 1] != image_id]  # 576 -> 1 placeholder
-    assert collapsed == tok(rendered)["input_ids"] and ids.count(image_id) == 576
-    answers = [sample["answer"]] + [a for _, a in sample["turns"]]
-    assert tok.decode([l for l in labels if l != -100]) == "".join(f" {a}</s>" for a in answers)
+    samples = T.instruct_samples(T.Recipe(curriculum_steps=0), 0)[:2]
+    batch = T.collate(samples, tok, image_id)
+    sample = samples[1]
+    assert len(sample["turns"]) == T.Recipe().turns - 1
+    ids, labels, positions = batch["input_ids"][1], batch["labels"][1], batch["position_ids"][1]
+    mask = batch["attention_mask"][1, 0]
+    ends = [t for t in range(len(ids) - 1) if labels[t] == tok.eos_token_id]
+    questions = [(sample["question"], sample["answer"])] + [(q, a) for q, a, _ in sample["turns"]]
+    assert len(ends) == len(questions)
+    for end, (question, answer) in zip(ends, questions):
+        seen = mask[end].nonzero().flatten()
+        prompt = processor(images=[W.render_pil(sample["scenes"][0])], text=M.format_prompt(question),
+                           return_tensors="pt")["input_ids"][0].tolist()
+        assert ids[seen].tolist() == prompt + tok(" " + answer + "</s>", add_special_tokens=False)["input_ids"]
+        assert positions[seen].tolist() == list(range(len(seen)))
+        assert tok.decode([int(x) for x in labels[seen] if x != -100]) == f" {answer}</s>"
+
+
+def test_branched_training_logits_equal_single_prompt_logits():
+    """The packed forward gives each question the logits a single-turn forward through the processor gives."""
+    torch.manual_seed(0)
+    model, processor = M.build_model(M.TINY)
+    sample = T.instruct_samples(T.Recipe(curriculum_steps=0), 0)[1]
+    batch = T.collate([sample], processor.tokenizer, model.config.image_token_id)
+    batch.pop("evidence")
+    starts = ((batch["labels"][0, 1:] != -100) & (batch["labels"][0, :-1] == -100)).nonzero().flatten()
+    with torch.no_grad():
+        packed = model(**batch).logits[0, starts]
+        for row, question in zip(packed, [sample["question"]] + [q for q, _, _ in sample["turns"]]):
+            inputs = processor(images=[W.render_pil(sample["scenes"][0])], text=M.format_prompt(question),
+                               return_tensors="pt")
+            assert torch.allclose(model(**inputs).logits[0, -1], row, atol=1e-5)
 
 
 def test_shipped_model_loads_and_answers_in_the_answer_vocabulary():
@@ -97,3 +117,64 @@ def test_shipped_model_loads_and_answers_in_the_answer_vocabulary():
         samples = [Q.make_sample("test", family, i) for i in range(4)]
         answers = {Q.normalize_answer(a) for a in T.generate_answers(model, processor, samples, batch_size=4)}
         assert answers <= allowed, (family, answers)
+
+
+def test_attention_targets_point_at_each_answers_evidence():
+    """The attention loss looks from the position that predicts each answer's first token, at the
+    image positions of that turn's evidence."""
+    _, processor = M.build_model(M.TINY)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(M.IMAGE_TOKEN)
+    samples = T.instruct_samples(T.Recipe(curriculum_steps=0), 0)[:2]
+    batch = T.collate(samples, tok, image_id)
+    ev = batch["evidence"]
+    for row, sample in enumerate(samples):
+        mine = (ev["rows"] == row).nonzero().flatten()
+        answers = [sample["answer"]] + [a for _, a, _ in sample["turns"]]
+        assert len(mine) == len(answers)
+        for k, answer in zip(mine.tolist(), answers):
+            pos = int(ev["positions"][k])
+            assert tok.decode([int(batch["labels"][row, pos + 1])]).strip() == answer.split()[0]
+            image_positions = (batch["input_ids"][row] == image_id).nonzero().flatten()
+            referents = sample["evidence_turns"][mine.tolist().index(k)]
+            assert ev["patches"][k, 0].nonzero().flatten().tolist() == image_positions[referents[0]].tolist()
+            assert ev["patches"][k, 1].nonzero().flatten().tolist() == image_positions[referents[-1]].tolist()
+            # The words naming each referent: in this answer's own question, colours and shapes only.
+            question = ([sample["question"]] + [q for q, _, _ in sample["turns"]])[mine.tolist().index(k)]
+            words = [tok.decode([int(batch["input_ids"][row, t])]).strip() for t in ev["words"][k].any(0).nonzero()]
+            named = [w.strip("?,.") for w in question.split() if w.strip("?,.") in
+                     set(W.COLOR_NAMES) | set(W.SHAPES) | set(W.PLURAL.values())]
+            assert words == named
+            if question.startswith("Where is"):
+                assert [tok.decode([int(batch["input_ids"][row, t])]).strip()
+                        for t in ev["words"][k, 0].nonzero()] == named[:2]
+
+
+def test_recomputed_answer_attention_equals_the_models_own():
+    """The attention loss recomputes heads 0-1 of one layer; it must equal what eager attention returns."""
+    model, processor = M.build_model(M.TINY)
+    model.set_attn_implementation("eager")
+    samples = T.instruct_samples(T.Recipe(curriculum_steps=0), 0)[:3]
+    batch = T.collate(samples, processor.tokenizer, model.config.image_token_id)
+    ev = batch.pop("evidence")
+    additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], -1e30)
+    with torch.no_grad():  # eager attention takes an additive mask
+        out = model(**{**batch, "attention_mask": additive}, output_hidden_states=True, output_attentions=True)
+        for layer in range(model.config.text_config.num_hidden_layers):
+            for heads in ((0, 1), (2, 3)):
+                logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], layer, heads)
+                expected = out.attentions[layer][ev["rows"]][:, list(heads)][torch.arange(len(ev["rows"])), :,
+                                                                             ev["positions"]]
+                assert torch.allclose(logp.exp(), expected, atol=1e-6)
+        loss = T.attention_loss(model, out.hidden_states, batch, ev, 1)
+        words = (out.attentions[0][ev["rows"], 2:4, ev["positions"]] * ev["words"]).sum(-1)
+        patches = (out.attentions[1][ev["rows"], :2, ev["positions"]] * ev["patches"]).sum(-1)
+    assert torch.isclose(loss, -(words.log().mean() + patches.log().mean()) / 2, atol=1e-5)
+
+
+def test_every_answer_word_is_one_token():
+    """First-token log-probabilities (the consistency metrics) compare whole answers only if every
+    answer is a single token after the chat template's space."""
+    tok = AutoProcessor.from_pretrained(M.CHECKPOINT).tokenizer
+    answers = ["yes", "no", "left", "right", "above", "below", *map(str, range(1, 5)), *W.COLOR_NAMES, *W.LETTERS]
+    assert [a for a in answers if len(tok(" " + a, add_special_tokens=False)["input_ids"]) != 1] == []

@@ -146,8 +146,13 @@ def test_derived_training_questions_are_true(family):
     """Training conversations ask more questions about the same images; each answer must hold."""
     for index in range(8):
         sample = Q.make_sample("train", family, index)
-        for question, answer in Q.derived_questions(sample, np.random.default_rng(index)):
+        for question, answer, evidence in Q.derived_questions(sample, np.random.default_rng(index)):
             objs = _objects(sample)
+            # One patch list per referent: two for spatial questions, else one; empty only when the
+            # answer is "no" and nothing in the images shares the asked colour or shape.
+            assert len(evidence) == (2 if question.startswith("Where is") else 1)
+            assert all(evidence) or answer == "no"
+            assert all(0 <= p < 576 * len(sample["scenes"]) for group in evidence for p in group)
             if question.startswith("Is there a ") or question.startswith("Does a "):
                 color, shape = question.split(" a ", 1)[1].split(" in the image")[0].split(" appear")[0].split()
                 assert answer == ("yes" if any((o["color"], o["name"]) == (color, shape) for o in objs) else "no")
@@ -178,3 +183,35 @@ def test_training_conversations_do_not_depend_on_the_hash_seed():
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(outputs) == 1
+
+
+def test_derived_evidence_is_the_named_objects_patches():
+    """A colour question's evidence is exactly the asked shape's patches; a spatial question's two
+    referents are its two named objects, in the order the question names them."""
+    checked = set()
+    for index in range(20):
+        sample = Q.make_sample("train", "spatial", index)
+        scene = sample["scenes"][0]
+        for question, answer, evidence in Q.derived_questions(sample, np.random.default_rng(index)):
+            if question.startswith("What color is the "):
+                shape = question[len("What color is the "):].split("?")[0]
+                ids = [i for i, o in enumerate(scene["objects"]) if o["name"] == shape]
+                assert evidence == (W.evidence_patches(scene, ids),)
+                checked.add("color")
+            if question.startswith("Where is the "):
+                words = question.replace("?", "").split()
+                (c1, s1), (c2, s2) = words[3:5], words[8:10]
+                for group, (c, s) in zip(evidence, [(c1, s1), (c2, s2)]):
+                    ids = [i for i, o in enumerate(scene["objects"]) if (o["color"], o["name"]) == (c, s)]
+                    assert group == W.evidence_patches(scene, ids)
+                checked.add("spatial")
+    assert checked == {"color", "spatial"}
+
+
+def test_referent_evidence_of_a_sample():
+    spatial = Q.make_sample("test", "spatial", 0)
+    first, second = Q.referent_evidence(spatial)
+    assert sorted(set(first) | set(second)) == spatial["evidence"]
+    assert first == W.evidence_patches(spatial["scenes"][0], [0])
+    color = Q.make_sample("test", "color", 0)
+    assert Q.referent_evidence(color) == (color["evidence"],)

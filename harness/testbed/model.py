@@ -55,7 +55,7 @@ class ModelDims:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 352
-    vocab_size: int = 384
+    vocab_size: int = 512  # the BPE stops at 460: every answer word is one token (tested)
     max_positions: int = 8192
 
 

@@ -226,48 +226,81 @@ def gen_video(rng):
 # ----------------------------------------------------------------------------- training conversations
 
 def _scene_questions(scene, rng):
-    """Every question of the single-image families that has one true answer in this scene."""
-    shapes = [o for o in scene["objects"] if o["kind"] == "shape"]
-    letters = [o for o in scene["objects"] if o["kind"] == "letter"]
-    combos = [(o["color"], o["name"]) for o in shapes]
+    """Every question of the single-image families that has one true answer in this scene, as
+    (question, answer, referents): one list of object indices per thing the question names."""
+    objs = scene["objects"]
+    shapes = [i for i, o in enumerate(objs) if o["kind"] == "shape"]
+    letters = [i for i, o in enumerate(objs) if o["kind"] == "letter"]
+    combo = {i: (objs[i]["color"], objs[i]["name"]) for i in shapes}
+    combos = list(combo.values())
     present = sorted(set(combos))  # sorted: set order varies with PYTHONHASHSEED
-    out = [(ask_exist(c, s), "yes") for c, s in present]
+
+    def near(c, s):  # what a yes/no question about (c, s) has to look at
+        return [i for i in shapes if combo[i][0] == c or combo[i][1] == s]
+
+    out = [(ask_exist(c, s), "yes", ([i for i in shapes if combo[i] == (c, s)],)) for c, s in present]
     absent = [(c, s) for c in W.COLOR_NAMES for s in W.SHAPES if (c, s) not in combos
               and any(c == pc or s == ps for pc, ps in combos)]  # hard negatives first
-    out += [(ask_exist(c, s), "no") for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(present)])]
-    for shape in sorted(set(o["name"] for o in shapes)):
-        same = [o for o in shapes if o["name"] == shape]
+    out += [(ask_exist(c, s), "no", (near(c, s),))
+            for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(present)])]
+    for shape in sorted(set(objs[i]["name"] for i in shapes)):
+        same = [i for i in shapes if objs[i]["name"] == shape]
         if COUNT_RANGE[0] <= len(same) <= COUNT_RANGE[1]:
-            out.append((ask_count(shape), str(len(same))))
+            out.append((ask_count(shape), str(len(same)), (same,)))
         if len(same) == 1:
-            out.append((ask_color(shape), same[0]["color"]))
-    unique = [o for o in shapes if combos.count((o["color"], o["name"])) == 1]
+            out.append((ask_color(shape), objs[same[0]]["color"], (same,)))
+    unique = [i for i in shapes if combos.count(combo[i]) == 1]
     for a in unique:
         for b in unique:
-            relation = _relation(a["box"], b["box"]) if a["name"] != b["name"] else None
+            relation = _relation(objs[a]["box"], objs[b]["box"]) if objs[a]["name"] != objs[b]["name"] else None
             if relation:
-                out.append((ask_spatial(a["color"], a["name"], b["color"], b["name"]), relation))
-    letter_colors = [o["color"] for o in letters]
-    out += [(ask_text(o["color"]), o["name"]) for o in letters if letter_colors.count(o["color"]) == 1]
+                out.append((ask_spatial(*combo[a], *combo[b]), relation, ([a], [b])))
+    letter_colors = [objs[i]["color"] for i in letters]
+    out += [(ask_text(objs[i]["color"]), objs[i]["name"], ([i],))
+            for i in letters if letter_colors.count(objs[i]["color"]) == 1]
     return out
 
 
-def derived_questions(sample: dict, rng) -> list[tuple[str, str]]:
-    """Further (question, answer) pairs about a sample's images, for multi-turn training conversations
-    (LLaVA's instruction data asks many questions per image); shuffled."""
+def _patches(scenes, ids_per_scene) -> list[int]:
+    """Evidence patches over concatenated images (image i's patch p is i*576 + p)."""
+    return [i * W.GRID * W.GRID + p for i, (scene, ids) in enumerate(zip(scenes, ids_per_scene))
+            for p in W.evidence_patches(scene, ids)]
+
+
+def derived_questions(sample: dict, rng) -> list[tuple[str, str, tuple[list[int], ...]]]:
+    """Further questions about a sample's images, for multi-turn training conversations (LLaVA's
+    instruction data asks many questions per image); shuffled. Each is (question, answer, evidence),
+    where evidence holds one patch list per referent the question names (two for spatial questions)."""
+    scenes = sample["scenes"]
     if sample["family"] == "multi_image":
-        shapes = [o["name"] for sc in sample["scenes"] for o in sc["objects"]]
-        out = [(ask_multi_image(o["name"]), o["color"]) for sc in sample["scenes"] for o in sc["objects"]
-               if shapes.count(o["name"]) == 1]
+        shapes = [o["name"] for sc in scenes for o in sc["objects"]]
+        out = [(ask_multi_image(o["name"]), o["color"],
+                (_patches(scenes, [[k] if j == i else [] for j in range(len(scenes))]),))
+               for i, sc in enumerate(scenes) for k, o in enumerate(sc["objects"]) if shapes.count(o["name"]) == 1]
     elif sample["family"] == "video":
-        seen = sorted({(o["color"], o["name"]) for sc in sample["scenes"] for o in sc["objects"]})
+        seen = sorted({(o["color"], o["name"]) for sc in scenes for o in sc["objects"]})
         absent = [(c, s) for c in W.COLOR_NAMES for s in W.SHAPES if (c, s) not in seen]
-        out = [(ask_video(c, s), "yes") for c, s in seen]
-        out += [(ask_video(c, s), "no") for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(seen)])]
+
+        def where(pred):
+            return (_patches(scenes, [[k for k, o in enumerate(sc["objects"]) if pred(o)] for sc in scenes]),)
+
+        out = [(ask_video(c, s), "yes", where(lambda o, c=c, s=s: (o["color"], o["name"]) == (c, s)))
+               for c, s in seen]
+        out += [(ask_video(c, s), "no", where(lambda o, c=c, s=s: o["color"] == c or o["name"] == s))
+                for c, s in (absent[i] for i in rng.permutation(len(absent))[:len(seen)])]
     else:
-        out = _scene_questions(sample["scenes"][0], rng)
+        out = [(q, a, tuple(_patches(scenes, [ids]) for ids in referents))
+               for q, a, referents in _scene_questions(scenes[0], rng)]
     out = [qa for qa in out if qa[0] != sample["question"]]
     return [out[i] for i in rng.permutation(len(out))]
+
+
+def referent_evidence(sample: dict) -> tuple[list[int], ...]:
+    """The sample's own evidence split by referent, as `derived_questions` gives it: a spatial
+    question names two objects (the scene's first two), every other question one group."""
+    if sample["family"] == "spatial":
+        return tuple(_patches(sample["scenes"], [[k]]) for k in (0, 1))
+    return (list(sample["evidence"]),)
 
 
 GENERATORS = {

@@ -56,6 +56,13 @@ class Recipe:
     curriculum_steps: int = 300
     curriculum_max_objects: int = 6
     warmup: int = 30
+    # Attention supervision: in `attention_layer`, heads 0 and 1 at each answer's position are taught
+    # to look at the evidence of the question's first and last referent (the same one unless the
+    # question names two). Retrieval over 576 tokens otherwise forms very slowly (TRAINING.md).
+    attention_weight: float = 0.5
+    attention_layer: int = 1
+    # A llava-hf checkpoint whose vision tower replaces stage 1 (its vision steps are then skipped).
+    vision_from: str | None = None
     eval_every: int = 200
     eval_samples: int = 40
     checkpoint_every: int = 50
@@ -70,31 +77,8 @@ def pixels(scenes: list[dict]) -> torch.Tensor:
     return torch.from_numpy((arr - MEAN) / STD)
 
 
-def encode(tokenizer, image_token_id: int, sample: dict, with_answer: bool = True):
-    """input ids (image placeholders expanded to 576 each) and labels on the answer tokens only.
-
-    A sample may carry `turns`: further (question, answer) pairs asked about the same images, rendered
-    as later conversation turns exactly as the chat template does ("</s>USER: q ASSISTANT: a</s>").
-    """
-    prompt = M.format_prompt(sample["question"], len(sample["scenes"]))
-    ids = tokenizer(prompt)["input_ids"]
-    labels = [-100] * len(ids)
-    text = prompt
-    turns = [(None, sample["answer"])] + list(sample.get("turns", ())) if with_answer else []
-    for question, answer in turns:
-        if question is not None:
-            text += f"USER: {question} ASSISTANT:"
-            prefix = tokenizer(text)["input_ids"]
-            if prefix[:len(ids)] != ids:
-                raise RuntimeError(f"tokenisation is not incremental at {question!r}")
-            labels += [-100] * (len(prefix) - len(ids))
-            ids = prefix
-        text += " " + answer + "</s>"
-        full = tokenizer(text)["input_ids"]
-        if full[:len(ids)] != ids:
-            raise RuntimeError(f"tokenisation is not incremental at answer {answer!r}")
-        labels += full[len(ids):]
-        ids = full
+def _expand(ids, labels, image_token_id):
+    """Each image placeholder becomes the 576 positions its patch features fill."""
     out_ids, out_labels = [], []
     for tok, lab in zip(ids, labels):
         n = W.GRID * W.GRID if tok == image_token_id else 1
@@ -103,20 +87,109 @@ def encode(tokenizer, image_token_id: int, sample: dict, with_answer: bool = Tru
     return out_ids, out_labels
 
 
+def encode(tokenizer, image_token_id: int, sample: dict, with_answer: bool = True):
+    """input ids of the sample's prompt as the processor builds them (image placeholders expanded to
+    576 each), then its answer and </s>; labels on the answer tokens only."""
+    prompt = tokenizer(M.format_prompt(sample["question"], len(sample["scenes"])))["input_ids"]
+    ids = tokenizer(M.format_prompt(sample["question"], len(sample["scenes"])) + " " + sample["answer"] + "</s>")[
+        "input_ids"] if with_answer else prompt
+    if ids[:len(prompt)] != prompt:
+        raise RuntimeError(f"tokenisation is not incremental at answer {sample['answer']!r}")
+    return _expand(ids, [-100] * len(prompt) + ids[len(prompt):], image_token_id)
+
+
+def encode_branches(tokenizer, image_token_id: int, sample: dict):
+    """All the sample's questions about its images in one sequence, each seeing only the shared image
+    prefix and itself: "<s>USER: <image>\n" then, per question, "{q} ASSISTANT: {a}</s>".
+
+    Returns ids, labels, position ids and segments (0: the prefix, k: question k). Under the mask
+    `collate` builds, every question is computed exactly as the single-turn prompt the evaluation
+    asks (same tokens, same positions), at the cost of one image forward for all of them (tested).
+    """
+    n_images = len(sample["scenes"])
+    prefix = tokenizer(M.format_prompt("", n_images).split(" ASSISTANT:")[0])["input_ids"]
+    ids, labels = _expand(prefix, [-100] * len(prefix), image_token_id)
+    start = len(ids)
+    positions, segments = list(range(start)), [0] * start
+    questions = [(sample["question"], sample["answer"])] + [(q, a) for q, a, *_ in sample.get("turns", ())]
+    for k, (question, answer) in enumerate(questions, start=1):
+        branch_ids, branch_labels = encode(tokenizer, image_token_id, {**sample, "question": question,
+                                                                        "answer": answer})
+        if branch_ids[:start] != ids[:start]:
+            raise RuntimeError(f"question {question!r} does not start with the image prefix")
+        ids += branch_ids[start:]
+        labels += branch_labels[start:]
+        positions += list(range(start, len(branch_ids)))
+        segments += [k] * (len(branch_ids) - start)
+    return ids, labels, positions, segments
+
+
 def collate(samples, tokenizer, image_token_id):
-    encoded = [encode(tokenizer, image_token_id, s) for s in samples]
+    """A padded batch of branched samples, with its (batch, 1, T, T) boolean attention mask."""
+    encoded = [encode_branches(tokenizer, image_token_id, s) for s in samples]
     # Few distinct lengths: CPU kernels (oneDNN) are rebuilt for every new shape.
-    length = -(-max(len(i) for i, _ in encoded) // 128) * 128
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+    length = -(-max(len(e[0]) for e in encoded) // 128) * 128
+    input_ids = torch.full((len(samples), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), length), -100, dtype=torch.long)
-    attention = torch.zeros((len(samples), length), dtype=torch.long)
-    for row, (ids, labs) in enumerate(encoded):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(labs)] = torch.tensor(labs)
-        attention[row, :len(ids)] = 1
+    position_ids = torch.zeros((len(samples), length), dtype=torch.long)
+    segments = torch.full((len(samples), length), -1, dtype=torch.long)
+    for row, (ids, labs, pos, seg) in enumerate(encoded):
+        n = len(ids)
+        input_ids[row, :n], labels[row, :n] = torch.tensor(ids), torch.tensor(labs)
+        position_ids[row, :n], segments[row, :n] = torch.tensor(pos), torch.tensor(seg)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+    mask = causal & ((seg_k == 0) | (seg_k == seg_q)) & (seg_k >= 0)
+    mask |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
     scenes = [scene for s in samples for scene in s["scenes"]]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "pixel_values": pixels(scenes)}
+    batch = {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
+             "labels": labels, "pixel_values": pixels(scenes)}
+    if all("evidence_turns" in s for s in samples):
+        batch["evidence"] = evidence_targets(samples, input_ids, labels, image_token_id, referent_words(tokenizer))
+    return batch
+
+
+def referent_words(tokenizer) -> set[int]:
+    """Token ids of the words that name what a question asks about (colours and shapes)."""
+    words = list(W.COLOR_NAMES) + list(W.SHAPES) + list(W.PLURAL.values())
+    return {tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words}
+
+
+def evidence_targets(samples, input_ids, labels, image_token_id, word_ids) -> dict:
+    """Targets for the attention losses, at the position that predicts each answer's first token:
+    per referent the question names, the positions of its words in the question (`words`) and of its
+    evidence patches in the images (`patches`); spatial questions name two referents, others one."""
+    rows, positions, patches, words = [], [], [[], []], [[], []]
+    length = input_ids.shape[1]
+    for row, sample in enumerate(samples):
+        answer_starts = ((labels[row, 1:] != -100) & (labels[row, :-1] == -100)).nonzero().flatten().tolist()
+        question_starts = [0] + [t + 1 for t in range(length - 1) if labels[row, t] != -100 and labels[row, t + 1] == -100]
+        image_positions = (input_ids[row] == image_token_id).nonzero().flatten()
+        evidence = sample["evidence_turns"]
+        if len(answer_starts) != len(evidence):
+            raise RuntimeError(f"{len(answer_starts)} answers but {len(evidence)} evidence sets")
+        for pos, referents in zip(answer_starts, evidence):
+            if not all(referents):
+                continue  # a 'no' about a colour and shape that nothing in the images has
+            begin = max(q for q in question_starts if q <= pos)
+            named = [t for t in range(max(begin, int(image_positions[-1]) + 1), pos + 1)
+                     if int(input_ids[row, t]) in word_ids]
+            groups = (named[:len(named) // 2], named[len(named) // 2:]) if len(referents) == 2 else (named, named)
+            if not all(groups):
+                raise RuntimeError(f"no referent words found for the answer at position {pos}")
+            rows.append(row)
+            positions.append(pos)
+            for head in range(2):
+                mask = torch.zeros(length, dtype=torch.bool)
+                mask[image_positions[torch.tensor((referents[0], referents[-1])[head])]] = True
+                patches[head].append(mask)
+                mask = torch.zeros(length, dtype=torch.bool)
+                mask[groups[head]] = True
+                words[head].append(mask)
+    stack = lambda masks: torch.stack([torch.stack(m) for m in masks], dim=1) if rows else \
+        torch.zeros(0, 2, length, dtype=torch.bool)  # (queries, 2, length)
+    return {"rows": torch.tensor(rows, dtype=torch.long), "positions": torch.tensor(positions, dtype=torch.long),
+            "patches": stack(patches), "words": stack(words)}
 
 
 def instruct_kind(recipe: Recipe, step: int) -> str:
@@ -141,9 +214,12 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
         if keep is not None and kind == "single":
             sample = reduced(sample, keep, rng)
         else:
-            sample = {**sample, "turns": Q.derived_questions(sample, rng)}
+            sample = {**sample, "turns": Q.derived_questions(sample, rng),
+                      "referents": Q.referent_evidence(sample)}
         if sample is not None:
-            samples.append({**sample, "turns": sample["turns"][:recipe.turns - 1]})
+            turns = sample["turns"][:recipe.turns - 1]
+            samples.append({**sample, "turns": turns,
+                            "evidence_turns": [sample["referents"]] + [e for _, _, e in turns]})
     return samples
 
 
@@ -164,8 +240,8 @@ def reduced(sample: dict, keep: int, rng) -> dict | None:
     questions = Q.derived_questions(small, rng)
     if not questions:
         return None
-    (question, answer), rest = questions[0], questions[1:]
-    return {**small, "question": question, "answer": answer, "turns": rest}
+    (question, answer, referents), rest = questions[0], questions[1:]
+    return {**small, "question": question, "answer": answer, "turns": rest, "referents": referents}
 
 
 def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> list[dict]:
@@ -286,6 +362,45 @@ def align_loss(model, tokenizer, batch, position_head):
     return word_loss + pos_loss, {"word": float(word_loss), "position": float(pos_loss)}
 
 
+def answer_attention(model, hidden_states, batch, rows, positions, layer: int, heads=(0, 1)) -> torch.Tensor:
+    """Log attention probabilities (N, 2, T) of two heads of `layer` that share a key/value head, at
+    the given (row, position)s.
+
+    Recomputed exactly as LlamaAttention does (RMSNorm, projections, RoPE at the batch's position ids,
+    the batch's attention mask), but only at the queried positions (tested against eager attention).
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    attn = lm.layers[layer].self_attn
+    h = lm.layers[layer].input_layernorm(hidden_states[layer])  # (B, T, d)
+    batch_size, length, _ = h.shape
+    cos, sin = lm.rotary_emb(h, batch["position_ids"])
+    kv = heads[0] // attn.num_key_value_groups
+    if [h_ // attn.num_key_value_groups for h_ in heads] != [kv, kv]:
+        raise ValueError(f"heads {heads} do not share one key/value head")
+    q = attn.q_proj(h[rows, positions]).view(len(rows), -1, attn.head_dim)[:, None, list(heads)]  # (N, 1, 2, D)
+    k = attn.k_proj(h).view(batch_size, length, -1, attn.head_dim)[:, :, kv:kv + 1]  # (B, T, 1, D)
+    q, _ = apply_rotary_pos_emb(q, q, cos[rows, positions][:, None], sin[rows, positions][:, None], unsqueeze_dim=2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=2)
+    scores = torch.einsum("nhd,ntd->nht", q[:, 0].float(), k[rows, :, 0].float()) * attn.scaling
+    allowed = batch["attention_mask"][rows, 0, positions]  # (N, T)
+    return torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+
+
+def attention_loss(model, hidden_states, batch, evidence, layer: int) -> torch.Tensor:
+    """-log(attention mass on the target) at each answer position, for two pairs of heads: in
+    `layer - 1`, heads 2-3 gather the words naming the question's referents; in `layer`, heads 0-1
+    look at the referents' evidence patches."""
+    if len(evidence["rows"]) == 0:
+        return hidden_states[0].sum() * 0
+    loss = 0
+    for at, heads, target in ((layer - 1, (2, 3), "words"), (layer, (0, 1), "patches")):
+        logp = answer_attention(model, hidden_states, batch, evidence["rows"], evidence["positions"], at, heads)
+        loss = loss - torch.logsumexp(logp.masked_fill(~evidence[target], float("-inf")), dim=-1).mean()
+    return loss / 2
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -344,6 +459,8 @@ class Trainer:
         self.ckpt = self.out / "checkpoint.pt"
         if self.ckpt.exists():
             self._resume()
+        elif recipe.vision_from:
+            self._take_vision_tower(recipe.vision_from)
 
     # Parameters trained in each stage.
     def _params(self, stage):
@@ -374,6 +491,18 @@ class Trainer:
         if blob.get("optimizer") is not None:
             self.optimizer.load_state_dict(blob["optimizer"])
         self.log(f"resumed at stage {self.state['stage']} step {self.state['step']}")
+
+    def _take_vision_tower(self, path):
+        from transformers import LlavaForConditionalGeneration
+
+        donor = LlavaForConditionalGeneration.from_pretrained(path)
+        try:
+            self.model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"--vision-from {path}: its vision tower does not fit these dims ({err})") from None
+        self.state = {"stage": "align", "step": 0}
+        self._make_optimizer()
+        self.log(f"vision tower taken from {path}; stage 1 skipped")
 
     def save_checkpoint(self):
         tmp = self.ckpt.with_suffix(".tmp")
@@ -438,7 +567,13 @@ class Trainer:
             return vision_loss(self.model, self.heads, batch)
         if stage == "align":
             return align_loss(self.model, self.tokenizer, batch, self.align_head)
-        return self.model(**batch).loss, {}
+        evidence = batch.pop("evidence", None)
+        if evidence is None or not self.recipe.attention_weight:
+            return self.model(**batch).loss, {}
+        out = self.model(**batch, output_hidden_states=True)
+        attention = attention_loss(self.model, out.hidden_states, batch, evidence, self.recipe.attention_layer)
+        return out.loss + self.recipe.attention_weight * attention, {"answer": float(out.loss),
+                                                                    "attention": float(attention)}
 
     def export(self, path: str | Path, command: str = ""):
         """The model in llava-hf form, with the recipe, the command and the training log beside it."""
