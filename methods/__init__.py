@@ -60,6 +60,13 @@ def get(name: str, **params):
     return cls(**params)
 
 
-from .none import NoPruning  # noqa: E402  (registers itself; needs `register` above)
+# Each module registers itself (needs `register` above); `none` first, the order `names()` lists.
+from .none import NoPruning  # noqa: E402
+from .random import RandomPruning  # noqa: E402
+from .uniform import UniformPruning  # noqa: E402
+from .fastv import FastV  # noqa: E402
+from .cls_attention import ClsAttention  # noqa: E402
+from .divprune import DivPrune  # noqa: E402
 
-__all__ = ["register", "names", "get", "NoPruning"]
+__all__ = ["register", "names", "get", "NoPruning", "RandomPruning", "UniformPruning", "FastV", "ClsAttention",
+           "DivPrune"]

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from . import register
+from .base import Method, Selection, VisualContext
 
 
 @register("none")
 @dataclass
-class NoPruning:
+class NoPruning(Method):
     """Keep every visual token. The reference every other method is compared with."""
 
-    #: whether the method takes a token budget (the runner ignores ``--budgets`` when it does not)
-    uses_budget = False  # class attribute, not a dataclass field
+    uses_budget = False
+
+    def select(self, ctx: VisualContext, k: int) -> Selection:
+        return Selection(torch.arange(ctx.num_tokens))

@@ -1,0 +1,98 @@
+"""What a pruning method sees (`VisualContext`) and what it returns (`Selection`).
+
+A method is a `@dataclass` subclass of `Method`: its fields are its hyper-parameters, validated in
+`__post_init__`, and its `repr` is its provenance. Most methods only write `score`: higher means
+keep, and the default `select` keeps the top-k scores, sorted so spatial order is preserved. A
+method never touches a model: the adapter (`harness/adapters/`) fills the context and removes the
+tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
+
+import torch
+
+#: Where a method acts: on the projector outputs before the LLM, or before decoder layer K.
+STAGES = ("pre_llm", "in_llm")
+#: What the kept tokens' position ids become: renumbered contiguously, or their original ones.
+POSITION_POLICIES = ("renumber", "original")
+
+
+@dataclass
+class VisualContext:
+    """One image's visual tokens, and what a method may read about them.
+
+    Everything is lazy where it costs a forward: `cls_attention()` and `vision_keys()` compute
+    from the ViT's feature layer only when a method asks for them.
+    """
+
+    features: torch.Tensor  # (N, D) the tokens as the LLM receives them (projector outputs), raster order
+    grid: tuple[int, int]  # (h, w) with h * w == N
+    seed: int = 0  # per image: a hash of its pixels, so a sample's draw does not depend on its batch
+    vision_features: Optional[torch.Tensor] = None  # (N, Dv) ViT feature-layer states, [CLS] dropped
+    project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the model's projector
+    cls_attention: Optional[Callable[[], torch.Tensor]] = None  # () -> (N,) [CLS]->patch, summed over heads
+    vision_keys: Optional[Callable[[], torch.Tensor]] = None  # () -> (N, Dk) feature-layer keys, heads concatenated
+    attention_row: Optional[torch.Tensor] = None  # in-LLM: (N,) last token's attention at layer K-1, head mean
+    layer_states: Optional[torch.Tensor] = None  # in-LLM: (N, d) hidden states entering layer K
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed((int(seed) * 1_000_003 + self.seed) % (2 ** 63))
+
+
+@dataclass
+class Selection:
+    """Kept token indices (ascending) and, for merging methods, the features that replace them."""
+
+    kept: torch.Tensor  # (k,) long, sorted ascending
+    features: Optional[torch.Tensor] = None  # (k, D) replacement features, or None to keep the originals
+    extra: dict = field(default_factory=dict)  # anything worth recording per image
+
+
+@dataclass
+class Method:
+    """Base of every pruning method. Subclasses are dataclasses registered with `@register(name)`."""
+
+    #: The kept tokens' position ids (`POSITION_POLICIES`); each method's default is its source's.
+    position_policy: str = "renumber"
+
+    stage: ClassVar[str] = "pre_llm"
+    #: False for methods that ignore the budget (`none`); the runner then runs them once.
+    uses_budget: ClassVar[bool] = True
+    #: True for methods whose kept count is decided per image (thresholds); they report what they kept.
+    adaptive: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check_choice("position_policy", self.position_policy, POSITION_POLICIES)
+
+    def score(self, ctx: VisualContext) -> torch.Tensor:
+        """(N,) scores, higher = keep."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither score() nor select()")
+
+    def select(self, ctx: VisualContext, k: int) -> Selection:
+        """Keep the k highest scores; ties go to the lower index (stable), then sort ascending."""
+        scores = self.score(ctx).float()
+        order = torch.sort(scores, descending=True, stable=True).indices
+        return Selection(order[:k].sort().values)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_range(name: str, value, low=None, high=None, *, integer=False) -> None:
+    """A clear error for a hyper-parameter outside its accepted range."""
+    if integer and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
