@@ -68,6 +68,8 @@ class PruningRun:
         self.model = model
         self.method = method
         self.budget = check_budget(budget, getattr(model.config, "image_seq_length", None))
+        if not method.uses_budget:
+            self.budget = None  # `none` keeps everything whatever the budget
         self.layer = getattr(method, "layer", None)  # K, for in-LLM methods
         if method.stage == "in_llm":
             n_layers = model.config.text_config.num_hidden_layers

@@ -1,0 +1,219 @@
+"""Every registered method against the contracts of the LLaVA adapter (new methods join automatically).
+
+Runs on a tiny randomly initialised `LlavaForConditionalGeneration` of the testbed's shape (576
+visual tokens per image), through the public `prune(...)` context manager around `generate`.
+"""
+
+import pytest
+import torch
+
+import methods
+from harness.adapters import prune
+from harness.adapters.llava import last_token_attention
+from harness.budget import check_budget, tokens_to_keep
+from harness.testbed import model as M
+from harness.testbed import questions as Q
+from harness.testbed import world as W
+from methods.base import Method, VisualContext
+
+# Parameters the tiny model needs (2 decoder layers: FastV's K must be 1).
+TINY_PARAMS = {"fastv": {"layer": 1}}
+N = W.GRID * W.GRID
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, processor = M.build_model(M.TINY)
+    return model.eval(), processor
+
+
+def _inputs(processor, samples):
+    texts = [M.format_prompt(s["question"], len(s["scenes"])) for s in samples]
+    images = [[W.render_pil(sc) for sc in s["scenes"]] for s in samples]
+    return processor(images=images, text=texts, padding=True, return_tensors="pt")
+
+
+def _generate(model, inputs, new_tokens=3):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.scores, 1)
+
+
+SAMPLES = [Q.make_sample("test", "color", 0), Q.make_sample("test", "spatial", 1),
+           Q.make_sample("test", "exist", 2), Q.make_sample("test", "text", 3)]
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, name):
+    model, processor = tiny
+    inputs = _inputs(processor, SAMPLES[:2])
+    ref_tokens, ref_scores = _generate(model, inputs)
+    with prune(model, name, budget=N, **TINY_PARAMS.get(name, {})) as run:
+        tokens, scores = _generate(model, inputs)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
+    assert [len(r.kept) for r in run.images] == [N, N]
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_the_model_is_unchanged_after_the_block(tiny, name):
+    model, processor = tiny
+    inputs = _inputs(processor, SAMPLES[:1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _generate(model, inputs)
+    hooks = lambda: [(n, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for n, m in model.named_modules()]  # noqa: E731
+    hooks_before = hooks()
+    with prune(model, name, budget=32, **TINY_PARAMS.get(name, {})):
+        _generate(model, inputs)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert hooks() == hooks_before  # every hook of ours removed, transformers' own untouched
+    tokens, scores = _generate(model, inputs)
+    assert torch.equal(tokens, ref[0]) and torch.equal(scores, ref[1])
+
+
+@pytest.mark.parametrize("name", [n for n in methods.names() if methods.get(n).uses_budget])
+def test_pruning_removes_tokens_and_changes_the_forward(tiny, name):
+    model, processor = tiny
+    inputs = _inputs(processor, SAMPLES[:1])
+    lengths = []
+    final_norm = model.model.language_model.norm  # after every decoder layer
+    handle = final_norm.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    try:
+        with torch.no_grad():
+            full = model(**inputs).logits[0, -1]
+            with prune(model, name, budget=32, **TINY_PARAMS.get(name, {})) as run:
+                pruned = model(**inputs).logits[0, -1]
+    finally:
+        handle.remove()
+    assert lengths[1] == lengths[0] - (N - 32)  # the LLM's output has 544 fewer positions
+    assert [len(r.kept) for r in run.images] == [32]
+    assert not torch.allclose(full, pruned)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_a_padded_batch_of_four_equals_four_single_runs(tiny, name):
+    model, processor = tiny
+    batch_inputs = _inputs(processor, SAMPLES)  # different prompt lengths: left padding
+    assert (batch_inputs["attention_mask"] == 0).any()
+    with prune(model, name, budget=48, **TINY_PARAMS.get(name, {})) as run:
+        tokens, scores = _generate(model, batch_inputs)
+        batch_kept = [r.kept for r in run.images]
+        singles = [_generate(model, _inputs(processor, [s])) for s in SAMPLES]
+        single_kept = [r.kept for r in run.images[len(SAMPLES):]]
+    for i, (t, s) in enumerate(singles):
+        assert torch.equal(tokens[i], t[0])
+        assert torch.allclose(scores[i], s[0], atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(batch_kept, single_kept))
+
+
+def test_several_images_in_one_prompt(tiny):
+    model, processor = tiny
+    sample = Q.make_sample("test", "multi_image", 0)
+    inputs = _inputs(processor, [sample])
+    with prune(model, "random", budget=24) as run:
+        _generate(model, inputs)
+    assert [len(r.kept) for r in run.images] == [24] * len(sample["scenes"])
+    assert len({tuple(r.kept.tolist()) for r in run.images}) == len(sample["scenes"])  # seeded per image
+
+
+def _context(n=N, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g)
+    vision = torch.randn(n, 8, generator=g)
+    proj = torch.nn.Linear(8, d)
+    return VisualContext(features=feats, grid=(24, 24), seed=seed, vision_features=vision, project=proj,
+                         cls_attention=lambda: torch.rand(n, generator=torch.Generator().manual_seed(1)),
+                         vision_keys=lambda: vision, attention_row=torch.rand(n, generator=g))
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name):
+    method = methods.get(name)
+    ctx = _context()
+    k = 64 if method.uses_budget else N
+    kept = method.select(ctx, k).kept
+    assert len(kept) == k and torch.equal(kept, kept.unique())  # unique() sorts
+    if type(method).select is Method.select:  # score-based: the top-k scores, exactly
+        top = torch.topk(method.score(ctx), k).indices.sort().values
+        assert torch.equal(kept, top)
+
+
+def test_divprune_is_greedy_max_min():
+    from methods.divprune import greedy_max_min
+
+    ctx = _context(n=50)
+    order = greedy_max_min(ctx.features, 10)
+    x = torch.nn.functional.normalize(ctx.features, dim=-1)
+    dist = 1 - x @ x.T
+    for step in range(1, 10):
+        chosen = order[:step]
+        to_set = dist[:, chosen].min(dim=1).values
+        to_set[chosen] = -1
+        assert int(order[step]) == int(to_set.argmax())
+
+
+def test_uniform_lattice_spreads_over_the_grid():
+    from methods.uniform import lattice
+
+    kept = lattice(24, 24, 64)
+    rows, cols = kept // 24, kept % 24
+    assert len(kept) == 64 and rows.unique().numel() == 8 and cols.unique().numel() == 8
+    assert [len(lattice(24, 24, k)) for k in (1, 5, 192, 575, 576)] == [1, 5, 192, 575, 576]
+
+
+def test_fastv_attention_row_equals_eager_attention(tiny):
+    """FastV's row, computed from layer K-1's queries and keys, equals what eager attention returns;
+    and the tokens FastV keeps are the top of that reference row."""
+    model, processor = tiny
+    inputs = _inputs(processor, SAMPLES[:2])  # left-padded
+    model.set_attn_implementation("eager")
+    try:
+        captured = {}
+        layer = model.model.language_model.layers[0]
+
+        def grab(m, args, kwargs):
+            captured["hidden"], captured["pe"] = args[0], kwargs["position_embeddings"]
+
+        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+            row = last_token_attention(layer, captured["hidden"], captured["pe"], inputs["attention_mask"])
+        handle.remove()
+        reference = out.attentions[0][:, :, -1].mean(1)  # (B, T), heads averaged
+        assert torch.allclose(row, reference, atol=1e-6)
+        with prune(model, "fastv", budget=64, layer=1) as run:
+            with torch.no_grad():
+                model(**inputs)
+    finally:
+        model.set_attn_implementation("sdpa")
+    image = inputs["input_ids"] == model.config.image_token_id
+    for b, record in enumerate(run.images):
+        scores = reference[b][image[b]]
+        assert torch.equal(record.kept, torch.topk(scores, 64).indices.sort().values)
+
+
+def test_budgets():
+    assert tokens_to_keep(None, 576) == 576 and tokens_to_keep(64, 576) == 64
+    assert tokens_to_keep(0.25, 576) == 144 and tokens_to_keep(0.0001, 576) == 1
+    for bad, match in [(0, "at least one"), (-3, "at least one"), (577, "above the 576"), (1.5, r"\(0, 1\]"),
+                       ("64", "integer"), (True, "integer")]:
+        with pytest.raises(ValueError, match=match):
+            check_budget(bad, 576)
+
+
+def test_bad_inputs_are_clear_errors(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="unknown method 'nope'; known methods: none, random"):
+        prune(model, "nope").__enter__()
+    with pytest.raises(ValueError, match="has no parameter.*accepts"):
+        methods.get("fastv", ratio=0.5)
+    with pytest.raises(ValueError, match="above the 576 visual tokens"):
+        prune(model, "random", budget=1000).__enter__()
+    with pytest.raises(ValueError, match="layer K must be in 1..1"):
+        prune(model, "fastv", budget=64).__enter__()  # K = 2 on a 2-layer model
+    with pytest.raises(ValueError, match="position_policy must be one of renumber, original"):
+        methods.get("random", position_policy="shuffled")
+    with pytest.raises(ValueError, match="seed must be in"):
+        methods.get("random", seed=-1)
