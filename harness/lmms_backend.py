@@ -47,6 +47,8 @@ from tqdm import tqdm  # noqa: E402
 
 import methods  # noqa: E402
 
+from .adapters import prune  # noqa: E402
+from .budget import check_budget  # noqa: E402
 from .model_args import CheckpointError, check_pretrained, parse_budget  # noqa: E402,F401
 
 FULL_VOCAB_LIMIT = 1024  # store the whole first-token distribution for vocabularies this small
@@ -145,7 +147,7 @@ class VTPLlava(lmms):
         one cell whatever ``--budgets`` says.
         """
         self.method = methods.get(method) if isinstance(method, str) else method
-        budget = parse_budget(budget)
+        budget = check_budget(parse_budget(budget), self._model.config.image_seq_length)
         if budget is not None and not getattr(self.method, "uses_budget", True):
             budget = None
         self.budget = budget
@@ -167,12 +169,25 @@ class VTPLlava(lmms):
 
     @contextlib.contextmanager
     def _pruning_applied(self):
-        """Where a pruning method is hooked into the model (the LLaVA adapter). Only the unpruned
-        baseline exists so far; refuse anything else rather than silently run unpruned."""
+        """The method's hooks around one batch (the LLaVA adapter); None for the unpruned model,
+        which runs without any hook."""
         if isinstance(self.method, methods.NoPruning):
-            yield
+            yield None
             return
-        raise NotImplementedError(f"method {self.method_name!r} has no LLaVA adapter yet; only 'none' runs")
+        with prune(self._model, self.method, self.budget) as run:
+            yield run
+
+    def _kept_per_row(self, run, input_ids) -> list[list[list[int]]]:
+        """Kept indices of each row's images (images fill rows in order)."""
+        per_image = self._model.config.image_seq_length
+        counts = [n // per_image for n in self._visual_counts(input_ids)]
+        kept = [r.kept.tolist() for r in run.images] if run is not None else \
+            [list(range(per_image))] * sum(counts)
+        rows, start = [], 0
+        for n in counts:
+            rows.append(kept[start:start + n])
+            start += n
+        return rows
 
     # ------------------------------------------------------------------ lmms interface
 
@@ -315,13 +330,14 @@ class VTPLlava(lmms):
         inputs = self._encode([p for p, _, _ in items], [ims for _, ims, _ in items], padding_side="left")
         n_in = inputs["input_ids"].shape[1]
         visual_in = self._visual_counts(inputs["input_ids"])
-        with self._pruning_applied():
+        with self._pruning_applied() as run:
             out = self._model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                        temperature=None, top_p=None, top_k=None,
                                        pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
                                        return_dict_in_generate=True, output_logits=True)
         sequences = out.sequences[:, n_in:].tolist()
         first_logits = out.logits[0] if out.logits else None
+        kept = self._kept_per_row(run, inputs["input_ids"])
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         results = []
         for row, (ids, req) in enumerate(zip(sequences, reqs)):
@@ -335,7 +351,8 @@ class VTPLlava(lmms):
             record.update(generated_ids=ids, raw_text=raw, text=text,
                           first_token=self._first_token_dist(first_logits[row]) if first_logits is not None else None,
                           input_tokens=int(prompt_lengths[row]),
-                          visual_tokens_in=int(visual_in[row]), visual_tokens_kept=int(visual_in[row]))
+                          visual_tokens_in=int(visual_in[row]),
+                          visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row])
             self.records[self._key(req)] = record
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
                 input_tokens=int(prompt_lengths[row]), output_tokens=len(ids))))
@@ -380,21 +397,33 @@ class VTPLlava(lmms):
             input_ids[row, p:p + len(c)] = torch.tensor(c, dtype=torch.long, device=self._device)
             attention[row, :p + len(c)] = 1
         model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        with self._pruning_applied():
-            logits = self._model(input_ids=input_ids, attention_mask=attention, **model_inputs).logits
+        # Positions from the mask (what generate() does): exact per row whatever the padding, also
+        # after pruning re-pads the rows.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        with self._pruning_applied() as run:
+            if run is not None:  # in-LLM methods score from the last prompt token, not the continuation
+                run.query_positions = torch.tensor(prompt_lengths, device=self._device) - 1
+            logits = self._model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                 **model_inputs).logits
+            columns = run.columns() if run is not None else None  # original column of each output position
+        kept = self._kept_per_row(run, input_ids)
         results = []
         for row, (p, c, req) in enumerate(zip(prompt_lengths, conts, reqs)):
             record = self._record_base(req, "loglikelihood")
             record.update(continuation=items[row][2], continuation_ids=c, input_tokens=int(p),
-                          visual_tokens_in=int(visual_in[row]), visual_tokens_kept=int(visual_in[row]))
+                          visual_tokens_in=int(visual_in[row]),
+                          visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row])
             if not c:
                 loss, greedy, first = 0.0, True, None
             else:
-                logprobs = F.log_softmax(logits[row, p - 1:p - 1 + len(c)].float(), dim=-1)
+                at = torch.arange(p - 1, p - 1 + len(c), device=logits.device)
+                if columns is not None:  # where those positions went in the pruned sequence
+                    at = (columns[row][None, :] == at[:, None]).float().argmax(-1)
+                logprobs = F.log_softmax(logits[row, at].float(), dim=-1)
                 target = torch.tensor(c, device=logprobs.device)
                 loss = float(-logprobs.gather(-1, target[:, None]).sum())
                 greedy = bool((logprobs.argmax(-1) == target).all())
-                first = self._first_token_dist(logits[row, p - 1])
+                first = self._first_token_dist(logits[row, at[0]])
             record.update(loss=loss, is_greedy=greedy, first_token=first)
             self.records[self._key(req)] = record
             results.append((loss, greedy))

@@ -91,8 +91,12 @@ def parse_budgets(spec: str | None) -> list:
         raise RunError(f"--budgets: {e}") from None
 
 
+DEFAULT_BUDGETS = (192, 128, 64)  # visual tokens kept per image: the literature's grid for 576
+
+
 def cells(method_names: list[str], budgets: list) -> list[tuple[str, object]]:
-    """(method, budget) pairs: methods without a budget get one unpruned cell (budget None)."""
+    """(method, budget) pairs: methods without a budget get one unpruned cell (budget None);
+    the others one per budget (`DEFAULT_BUDGETS` when none are given)."""
     import methods
 
     out = []
@@ -100,10 +104,8 @@ def cells(method_names: list[str], budgets: list) -> list[tuple[str, object]]:
         cls = type(methods.get(name))
         if not getattr(cls, "uses_budget", True):
             out.append((name, None))
-        elif not budgets:
-            raise RunError(f"method {name!r} needs --budgets (e.g. --budgets 64,128)")
         else:
-            out += [(name, b) for b in budgets]
+            out += [(name, b) for b in (budgets or DEFAULT_BUDGETS)]
     return out
 
 

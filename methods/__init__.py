@@ -7,7 +7,7 @@ it never touches a model's forward (that is the adapters' job, in ``harness/``).
 
     >>> import methods
     >>> methods.names()
-    ['none']
+    ['none', 'random', 'uniform', 'fastv', 'cls_attention', 'divprune']
     >>> methods.get("none")
     NoPruning()
 """

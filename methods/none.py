@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +14,8 @@ from .base import Method, Selection, VisualContext
 @dataclass
 class NoPruning(Method):
     """Keep every visual token. The reference every other method is compared with."""
+
+    position_policy: str = field(default="renumber", repr=False)  # nothing moves
 
     uses_budget = False
 

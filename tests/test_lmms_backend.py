@@ -104,6 +104,48 @@ def test_loglikelihood_is_a_loss_and_batch_invariant(lm):
     assert out[0][0] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["random", "fastv"])  # pre-LLM and in-LLM
+def test_pruned_requests(lm, method):
+    """Under a method: a budget keeping every token answers exactly as unpruned; at 64 the records
+    say what was kept, batching changes nothing, and the loss is that of the pruned model computed
+    by hand for one request."""
+    params = {"layer": 1} if method == "fastv" else {}
+    import methods as registry
+
+    gen, ll = _requests(lm, "generate_until"), _requests(lm, "loglikelihood", second=" blue")
+    lm.configure("none")
+    ref_gen, ref_ll = lm.generate_until(gen), lm.loglikelihood(ll)
+    try:
+        lm.configure(registry.get(method, **params), 576)
+        assert [o.text for o in lm.generate_until(gen)] == [o.text for o in ref_gen]
+        assert lm.loglikelihood(ll) == ref_ll
+        lm.configure(registry.get(method, **params), 64)
+        batched = lm.loglikelihood(ll)
+        rec = lm.records[("t", 1, 0)]  # two images
+        assert rec["visual_tokens_in"] == 1152 and rec["visual_tokens_kept"] == 128
+        assert [len(k) for k in rec["kept_indices"]] == [64, 64]
+        lm.batch_size_per_gpu = 1
+        try:
+            single = lm.loglikelihood(ll)
+        finally:
+            lm.batch_size_per_gpu = 2
+        assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(batched, single))
+        assert batched != ref_ll
+        from harness.adapters import prune
+
+        prompt = lm.build_prompt(ll[0].args[0], 1)
+        inputs = lm.processor(text=prompt, images=_doc_to_visual(lm.task_dict["t"]["test"][0]), return_tensors="pt")
+        cont = lm.records[("t", 0, 0)]["continuation_ids"]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([cont])], dim=1)
+        with torch.no_grad(), prune(lm.model, method, 64, **params) as run:
+            run.query_positions = torch.tensor([inputs["input_ids"].shape[1] - 1])  # the prompt's last token
+            logits = lm.model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0]
+        expected = -logits[-len(cont) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        assert batched[0][0] == pytest.approx(expected, abs=1e-4)
+    finally:
+        lm.configure("none")
+
+
 def test_prompt_uses_the_chat_template(lm):
     assert lm.build_prompt("Q?", 2) == "USER: <image><image>\nQ? ASSISTANT:"
     assert lm.build_prompt("<image>\nQ?", 1) == "USER: <image>\nQ? ASSISTANT:"  # no second placeholder
@@ -119,8 +161,13 @@ def test_method_and_budget_are_in_the_cache_identity(lm):
     lm.configure("none", 64)
     assert lm.budget is None  # `none` takes no budget
     assert "method=NoPruning()" in str(lm) and "budget=None" in str(lm) and " at 0x" not in str(lm)
+    lm.configure("random", 64)
+    assert "method=RandomPruning(position_policy='renumber', seed=0)" in str(lm) and "budget=64" in str(lm)
     with pytest.raises(ValueError, match="unknown method 'nope'; known methods: none"):
         lm.configure("nope")
+    with pytest.raises(ValueError, match="above the 576 visual tokens"):
+        lm.configure("random", 1000)
+    lm.configure("none")
 
 
 def test_bad_checkpoints_are_reported(tmp_path):

@@ -16,13 +16,14 @@ def test_methods_resolution():
     assert runner.resolve_methods("none") == ["none"]
     assert runner.resolve_methods("all") == methods.names()
     assert runner.resolve_methods("none,none") == ["none"]
-    with pytest.raises(runner.RunError, match=r"unknown method\(s\) 'fastv'; known methods: none"):
-        runner.resolve_methods("none,fastv")
+    with pytest.raises(runner.RunError, match=r"unknown method\(s\) 'fast'; known methods: none, random"):
+        runner.resolve_methods("none,fast")
 
 
 def test_budgets_are_ignored_for_none():
     assert runner.parse_budgets("64, 0.25") == [64, 0.25]
     assert runner.cells(["none"], [64, 128]) == [("none", None)]
+    assert runner.cells(["none", "random"], []) == [("none", None)] + [("random", b) for b in (192, 128, 64)]
     assert runner.budget_label(None) == "full"
     with pytest.raises(runner.RunError, match="--budgets"):
         runner.parse_budgets("lots")

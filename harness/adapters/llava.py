@@ -77,6 +77,9 @@ class PruningRun:
                 raise ValueError(f"{type(method).__name__}: layer K must be in 1..{n_layers - 1} for this model, "
                                  f"got {self.layer!r}")
         self.images: list[ImageRecord] = []
+        #: (B,) the position whose attention scores the image (in-LLM methods), when it is not each
+        #: row's last real token: scoring a continuation, the last prompt token (set by the caller).
+        self.query_positions: torch.Tensor | None = None
         self._handles = []
         self._reset()
 
@@ -112,6 +115,11 @@ class PruningRun:
         self._handles.clear()
         self._reset()
         return False
+
+    def columns(self) -> torch.Tensor | None:
+        """(B, T') the full-sequence column of each position of the last pruned forward's output
+        (None when nothing was pruned): to find a token's logits after pruning."""
+        return None if self._layout is None else self._layout.index
 
     # ------------------------------------------------------------------ vision side
     def _feature_layer(self):
@@ -277,8 +285,11 @@ class PruningRun:
         if not self._images_pending or self._selections is not None or self._layout is not None:
             return None  # no images, or a decoding step (the prompt was pruned already)
         hidden = args[0] if args else kwargs["hidden_states"]
-        rows = last_token_attention(module, hidden, kwargs["position_embeddings"],
-                                    self._lm_kwargs.get("attention_mask"))  # (B, T)
+        mask2d = self._lm_kwargs.get("attention_mask")
+        query = self.query_positions
+        if query is None and mask2d is not None:  # each row's last real token (right padding too)
+            query = (mask2d.shape[1] - 1) - mask2d.long().flip(1).argmax(1)
+        rows = last_token_attention(module, hidden, kwargs["position_embeddings"], mask2d, query)  # (B, T)
         n_tokens = self.model.config.image_seq_length
         n_images = int((self._input_ids == self.model.config.image_token_id).sum()) // n_tokens
         img_rows, img_cols = self._image_positions(n_images, n_tokens)
@@ -322,8 +333,9 @@ class PruningRun:
                 "position_embeddings": lm.rotary_emb(hidden, position_ids)}
 
 
-def last_token_attention(layer, hidden, position_embeddings, mask2d) -> torch.Tensor:
-    """(B, T): the last position's attention probabilities in `layer`, averaged over heads.
+def last_token_attention(layer, hidden, position_embeddings, mask2d, positions=None) -> torch.Tensor:
+    """(B, T): the attention probabilities of one query per row (`positions`, default the last
+    column) in `layer`, averaged over heads.
 
     Computed from the layer's own queries and keys (RMSNorm, projections, RoPE, grouped-query heads)
     for that single query row, so every layer keeps running under SDPA/flash attention and no
@@ -334,15 +346,21 @@ def last_token_attention(layer, hidden, position_embeddings, mask2d) -> torch.Te
     attn = layer.self_attn
     h = layer.input_layernorm(hidden)
     batch, length, _ = h.shape
-    q = attn.q_proj(h[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
+    rows = torch.arange(batch, device=h.device)
+    if positions is None:
+        positions = torch.full((batch,), length - 1, device=h.device)
+    q = attn.q_proj(h[rows, positions][:, None]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
     k = attn.k_proj(h).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, KV, T, D)
     cos, sin = position_embeddings
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    q, _ = apply_rotary_pos_emb(q, q, cos[rows, positions][:, None], sin[rows, positions][:, None])
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # (B, H, T, D)
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, T)
+    allowed = torch.arange(length, device=h.device)[None, :] <= positions[:, None]  # causal
     if mask2d is not None:
-        scores = scores.masked_fill(~mask2d.bool()[:, None, None, :], float("-inf"))
+        allowed = allowed & mask2d.bool()
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)[:, :, 0].mean(1)
 
 
