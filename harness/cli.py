@@ -11,7 +11,7 @@ def _testbed_train(args) -> int:
 
     recipe = T.Recipe(seed=args.seed)
     for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps",
-                "attention_weight", "turns", "vision_from"):
+                "attention_weight", "readout_weight", "turns", "vision_from"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--curriculum-steps", dest="curriculum_steps", type=int)
     train.add_argument("--attention-weight", dest="attention_weight", type=float,
                        help="weight of the evidence-attention loss (0 turns it off)")
+    train.add_argument("--readout-weight", dest="readout_weight", type=float,
+                       help="weight of the retrieval heads' read-out loss (0 turns it off)")
     train.add_argument("--turns", type=int, help="questions per training conversation")
     train.add_argument("--vision-from", dest="vision_from",
                        help="take the vision tower from this llava-hf checkpoint and skip stage 1")

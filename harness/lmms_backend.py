@@ -288,6 +288,20 @@ class VTPLlava(lmms):
     def _record_base(self, req, request_type: str) -> dict:
         return {"request_type": request_type, "method": repr(self.method), "budget": self.budget}
 
+    def _evidence_recall(self, req, kept: list[list[int]]) -> float | None:
+        """Share of the doc's evidence patches (testbed docs carry them: image i's patch p is
+        i * 576 + p) that the method kept; None for docs without evidence."""
+        _, _, _, doc_id, task, split = req.args[:6]
+        doc = self.task_dict[task][split][doc_id]
+        evidence = doc.get("evidence") if isinstance(doc, dict) else None
+        if isinstance(evidence, str):
+            evidence = json.loads(evidence)
+        if not evidence:
+            return None
+        per_image = self._model.config.image_seq_length
+        kept_all = {i * per_image + k for i, image in enumerate(kept) for k in image}
+        return sum(int(e) in kept_all for e in evidence) / len(evidence)
+
     # ------------------------------------------------------------------ generation
 
     def _gen_settings(self, gen_kwargs: dict) -> tuple[int, list]:
@@ -352,7 +366,8 @@ class VTPLlava(lmms):
                           first_token=self._first_token_dist(first_logits[row]) if first_logits is not None else None,
                           input_tokens=int(prompt_lengths[row]),
                           visual_tokens_in=int(visual_in[row]),
-                          visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row])
+                          visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row],
+                          evidence_recall=self._evidence_recall(req, kept[row]))
             self.records[self._key(req)] = record
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
                 input_tokens=int(prompt_lengths[row]), output_tokens=len(ids))))
@@ -412,7 +427,8 @@ class VTPLlava(lmms):
             record = self._record_base(req, "loglikelihood")
             record.update(continuation=items[row][2], continuation_ids=c, input_tokens=int(p),
                           visual_tokens_in=int(visual_in[row]),
-                          visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row])
+                          visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row],
+                          evidence_recall=self._evidence_recall(req, kept[row]))
             if not c:
                 loss, greedy, first = 0.0, True, None
             else:

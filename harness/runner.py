@@ -30,6 +30,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from .consistency import paired_metrics, sample_view  # noqa: E402  (light: numpy)
 from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -191,13 +192,36 @@ def _jsonable(value):
     return str(value)
 
 
+def _records_by_doc(records: dict) -> dict[tuple, list[dict]]:
+    """The backend's records grouped per (task, doc_id), in request order."""
+    by_doc: dict[tuple, dict] = {}
+    for (task, doc_id, idx), record in records.items():
+        by_doc.setdefault((task, doc_id), {})[idx] = record
+    return {key: [recs[i] for i in sorted(recs)] for key, recs in by_doc.items()}
+
+
+def sample_views(res: dict, records: dict) -> dict[str, dict]:
+    """Per task, {doc_id: SampleView}: what the paired metrics compare."""
+    by_doc = _records_by_doc(records)
+    return {task: {s["doc_id"]: sample_view(s, by_doc.get((task, s["doc_id"]), [])) for s in samples}
+            for task, samples in (res.get("samples") or {}).items()}
+
+
+def paired_rows(reference: dict, views: dict, model: str, method: str, budget) -> list[dict]:
+    """Rows of the paired metrics of one cell against the unpruned reference, per task."""
+    rows = []
+    for task, task_views in views.items():
+        for metric, value in paired_metrics(reference.get(task, {}), task_views).items():
+            rows.append(dict(model=model, method=method, budget=budget_label(budget), task=task, metric=metric,
+                             value=float(value)))
+    return rows
+
+
 def write_samples(out_dir: Path, res: dict, records: dict, method: str, budget) -> list[Path]:
     """``samples/<method>_<budget>_<task>.jsonl`` per task, sorted by doc_id, with the backend's records."""
     sample_dir = out_dir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    by_doc: dict[tuple, dict] = {}
-    for (task, doc_id, idx), record in records.items():
-        by_doc.setdefault((task, doc_id), {})[idx] = record
+    by_doc = _records_by_doc(records)
     paths = []
     for task, samples in (res.get("samples") or {}).items():
         path = sample_dir / f"{method}_{budget_label(budget)}_{task}.jsonl"
@@ -206,8 +230,7 @@ def write_samples(out_dir: Path, res: dict, records: dict, method: str, budget) 
                 line = {k: v for k, v in s.items() if k not in ("arguments", "doc_hash")}
                 line = {"task": task, "method": method, "budget": budget_label(budget), **line}
                 line["input"] = s["arguments"][0] if s.get("arguments") else None
-                recs = by_doc.get((task, s["doc_id"]), {})
-                line["records"] = [recs[i] for i in sorted(recs)]
+                line["records"] = by_doc.get((task, s["doc_id"]), [])
                 f.write(json.dumps(_jsonable(line)) + "\n")
         paths.append(path)
     return paths
@@ -265,6 +288,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
         print(msg, file=out or sys.stdout, flush=True)
 
     method_names = resolve_methods(config.methods)
+    if "none" not in method_names:  # every pruned cell is compared with the unpruned reference
+        method_names = ["none"] + method_names
     budgets = parse_budgets(config.budgets)
     grid = cells(method_names, budgets)
     tasks = resolve_tasks(config.tasks)
@@ -301,6 +326,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
 
     rows: list[dict] = []
+    reference: dict = {}  # the unpruned cell's sample views per task, computed once
     for i, (method, budget) in enumerate(grid, 1):
         lm.configure(method, budget)
         lm.pop_records()
@@ -315,9 +341,13 @@ def run(config: RunConfig, out=None) -> list[dict]:
             if inner is not e:
                 raise inner from e
             raise
-        cell_rows = summary_rows(res, label, method, budget)
+        records = lm.pop_records()
+        views = sample_views(res, records)
+        if method == "none":
+            reference = views
+        cell_rows = summary_rows(res, label, method, budget) + paired_rows(reference, views, label, method, budget)
         rows += cell_rows
-        write_samples(out_dir, res, lm.pop_records(), method, budget)
+        write_samples(out_dir, res, records, method, budget)
         results_dir = out_dir / "results"
         results_dir.mkdir(exist_ok=True)
         (results_dir / f"{method}_{budget_label(budget)}.json").write_text(

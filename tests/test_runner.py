@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from harness import cli, runner
@@ -62,29 +63,61 @@ def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
     assert "unknown task(s) 'testbed_nope'" in err and "testbed_exist" in err
 
 
+PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
+          "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall"}
+
+
 def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["run", "--methods", "none", "--budgets", "64", "--tasks", "testbed_exist,testbed_color_mc",
+    assert cli.main(["run", "--methods", "random", "--budgets", "64", "--tasks", "testbed_exist,testbed_color_mc",
                      "--limit", "2", "--model", str(tiny_llava_dir), "--output", str(out)]) == 0
     with (out / "summary.csv").open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == ("model", "method", "budget", "task", "metric", "value")
         rows = list(reader)
-    assert {(r["task"], r["metric"]) for r in rows} == {
-        ("testbed_exist", "accuracy"), ("testbed_exist", "n_samples"),
-        ("testbed_color_mc", "accuracy"), ("testbed_color_mc", "n_samples")}
-    assert all(r["model"] == tiny_llava_dir.name and r["method"] == "none" and r["budget"] == "full" for r in rows)
+    # the unpruned reference is added to the grid, and every cell is compared with it
+    assert {(r["method"], r["budget"]) for r in rows} == {("none", "full"), ("random", "64")}
+    for method in ("none", "random"):
+        for task in ("testbed_exist", "testbed_color_mc"):
+            metrics = {r["metric"] for r in rows if r["method"] == method and r["task"] == task}
+            assert metrics == {"accuracy", "n_samples"} | PAIRED
+    value = {(r["method"], r["task"], r["metric"]): float(r["value"]) for r in rows}
+    for task in ("testbed_exist", "testbed_color_mc"):
+        assert value[("none", task, "agreement")] == 1.0 and value[("none", task, "first_token_kl")] == 0.0
+        assert value[("none", task, "evidence_recall")] == 1.0
+        assert value[("random", task, "visual_tokens_kept")] == 64 and value[("none", task, "visual_tokens_kept")] == 576
+        assert 0 <= value[("random", task, "evidence_recall")] <= 1
+        assert value[("random", task, "first_token_kl")] > 0  # pruning changed the distribution
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows if r["metric"] == "accuracy")
     assert all(r["value"] == "2" for r in rows if r["metric"] == "n_samples")
     # per-task samples with the backend's per-request records
     for task, n_requests in (("testbed_exist", 1), ("testbed_color_mc", 4)):
-        lines = [json.loads(x) for x in (out / "samples" / f"none_full_{task}.jsonl").read_text().splitlines()]
+        lines = [json.loads(x) for x in (out / "samples" / f"random_64_{task}.jsonl").read_text().splitlines()]
         assert [s["doc_id"] for s in lines] == [0, 1]
         assert all(len(s["records"]) == n_requests and s["records"][0]["visual_tokens_in"] == 576 for s in lines)
+        assert all(len(s["records"][0]["kept_indices"][0]) == 64 for s in lines)
         assert all("accuracy" in s for s in lines)
-    assert (out / "results" / "none_full.json").exists()
+    assert (out / "results" / "none_full.json").exists() and (out / "results" / "random_64.json").exists()
     printed = capsys.readouterr().out
-    assert "testbed_color_mc" in printed and "none@full" in printed
+    assert "testbed_color_mc" in printed and "none@full" in printed and "random@64" in printed
+
+
+def test_mcnemar_and_divergences():
+    from harness.consistency import SampleView, _kl_and_jsd, mcnemar_p, paired_metrics
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_p(3, 3) == 1.0
+    p = {0: np.log(0.5), 1: np.log(0.5)}
+    q = {0: np.log(0.9), 1: np.log(0.1)}
+    kl, jsd = _kl_and_jsd(p, q)
+    assert kl == pytest.approx(0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1))
+    assert 0 < jsd < np.log(2) and _kl_and_jsd(p, p) == (0.0, 0.0)
+    ref = {i: SampleView(i < 3, "a", p, 576, 576, 1.0) for i in range(4)}
+    new = {i: SampleView(i in (0, 3), "a" if i == 0 else "b", q, 576, 64, 0.5) for i in range(4)}
+    m = paired_metrics(ref, new)
+    assert m["relative_accuracy"] == pytest.approx((2 / 4) / (3 / 4)) and m["agreement"] == 0.25
+    assert m["flip_correct_to_wrong"] == 0.5 and m["flip_wrong_to_correct"] == 0.25
+    assert m["top1_agreement"] == 1.0 and m["visual_tokens_kept"] == 64 and m["evidence_recall"] == 0.5
 
 
 def test_summary_rows_are_long_format_per_task_not_group():

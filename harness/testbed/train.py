@@ -61,6 +61,11 @@ class Recipe:
     # question names two). Retrieval over 576 tokens otherwise forms very slowly (TRAINING.md).
     attention_weight: float = 0.5
     attention_layer: int = 1
+    # Deep supervision of those heads' read-out: for questions whose answer is an attribute of the
+    # looked-at object (a colour or a letter), heads 0-1's output alone, through the model's own
+    # o_proj, final norm and lm_head, should name the answer. Without it the retrieval heads look at
+    # the right patches but their values carry no colour for hundreds of steps (TRAINING.md).
+    readout_weight: float = 0.0
     # A llava-hf checkpoint whose vision tower replaces stage 1 (its vision steps are then skipped).
     vision_from: str | None = None
     eval_every: int = 200
@@ -388,6 +393,26 @@ def answer_attention(model, hidden_states, batch, rows, positions, layer: int, h
     return torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
 
+def readout_loss(model, hidden_states, batch, evidence, layer: int, answer_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the answer from heads 0-1 of `layer` alone (their attention-weighted values
+    through o_proj, the final norm and lm_head), on the answers that are in `answer_ids`."""
+    rows, positions = evidence["rows"], evidence["positions"]
+    answers = batch["labels"][rows, positions + 1]
+    use = torch.isin(answers, answer_ids)
+    if not bool(use.any()):
+        return hidden_states[0].sum() * 0
+    rows, positions, answers = rows[use], positions[use], answers[use]
+    lm = model.model.language_model
+    attn = lm.layers[layer].self_attn
+    probs = answer_attention(model, hidden_states, batch, rows, positions, layer).exp()  # (n, 2, T)
+    h = lm.layers[layer].input_layernorm(hidden_states[layer][rows])
+    v = attn.v_proj(h).view(len(rows), h.shape[1], -1, attn.head_dim)[:, :, 0]  # kv head 0: (n, T, D)
+    heads = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v).flatten(1)  # (n, 2D)
+    out = heads @ attn.o_proj.weight[:, :heads.shape[1]].T
+    logits = model.lm_head(lm.norm(out))
+    return F.cross_entropy(logits.float(), answers)
+
+
 def attention_loss(model, hidden_states, batch, evidence, layer: int) -> torch.Tensor:
     """-log(attention mass on the target) at each answer position, for two pairs of heads: in
     `layer - 1`, heads 2-3 gather the words naming the question's referents; in `layer`, heads 0-1
@@ -450,6 +475,8 @@ class Trainer:
         self.model.to(self.device).train()
         self.tokenizer = self.processor.tokenizer
         self.image_token_id = self.model.config.image_token_id
+        self._attribute_ids = torch.tensor(word_ids(self.tokenizer, list(W.COLOR_NAMES) + list(W.LETTERS)),
+                                           device=self.device)
         torch.manual_seed(recipe.seed)
         self.heads = VisionHeads(dims.vision_hidden).to(self.device)
         self.align_head = torch.nn.Linear(dims.text_hidden, 2).to(self.device)
@@ -571,9 +598,15 @@ class Trainer:
         if evidence is None or not self.recipe.attention_weight:
             return self.model(**batch).loss, {}
         out = self.model(**batch, output_hidden_states=True)
-        attention = attention_loss(self.model, out.hidden_states, batch, evidence, self.recipe.attention_layer)
-        return out.loss + self.recipe.attention_weight * attention, {"answer": float(out.loss),
-                                                                    "attention": float(attention)}
+        layer = self.recipe.attention_layer
+        attention = attention_loss(self.model, out.hidden_states, batch, evidence, layer)
+        loss = out.loss + self.recipe.attention_weight * attention
+        info = {"answer": float(out.loss), "attention": float(attention)}
+        if self.recipe.readout_weight:
+            readout = readout_loss(self.model, out.hidden_states, batch, evidence, layer, self._attribute_ids)
+            loss = loss + self.recipe.readout_weight * readout
+            info["readout"] = float(readout)
+        return loss, info
 
     def export(self, path: str | Path, command: str = ""):
         """The model in llava-hf form, with the recipe, the command and the training log beside it."""

@@ -1,0 +1,116 @@
+"""Paired measurements of a pruned cell against the unpruned reference on the same samples.
+
+Each sample is reduced to a `SampleView`: whether it was answered correctly (the task's own
+per-sample accuracy), the answer (generated text, or the chosen option of a multiple-choice doc),
+the first answer token's distribution (for multiple choice: the distribution over the options,
+softmax of the negative option losses), and the visual tokens in and kept.
+
+Metrics (rows of summary.csv; names fixed):
+  relative_accuracy        pruned accuracy / unpruned accuracy on the same samples
+  agreement                share of samples with the same answer
+  flip_correct_to_wrong    share of samples right unpruned, wrong pruned
+  flip_wrong_to_correct    share of samples wrong unpruned, right pruned
+  first_token_kl           mean KL(unpruned || pruned) of the first-token (or option) distribution
+  first_token_jsd          mean Jensen-Shannon divergence (natural log, textbook definition) of the same
+  top1_agreement           share of samples whose most likely first token (or option) is the same
+  mcnemar_p                exact two-sided McNemar test on the discordant pairs
+  visual_tokens_in / visual_tokens_kept / evidence_recall   means over the samples
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .testbed.questions import normalize_answer
+
+
+@dataclass
+class SampleView:
+    correct: bool
+    answer: str
+    dist: dict  # token id (or option index) -> log-probability
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    evidence_recall: float | None
+
+
+def _dist(first_token: dict | None) -> dict:
+    if not first_token:
+        return {}
+    return dict(zip(first_token["ids"], first_token["logprobs"]))
+
+
+def sample_view(sample: dict, records: list[dict]) -> SampleView:
+    """A logged lmms-eval sample (with the backend's records, in request order) reduced to what
+    the paired metrics compare."""
+    correct = bool(sample.get("accuracy", 0.0))
+    first = records[0] if records else {}
+    if first.get("request_type") == "loglikelihood":  # multiple choice: one record per option
+        losses = np.array([r["loss"] for r in records], dtype=float)
+        logp = -losses - np.logaddexp.reduce(-losses)
+        answer, dist = str(int(losses.argmin())), dict(enumerate(logp.tolist()))
+    else:
+        answer, dist = normalize_answer(first.get("text")), _dist(first.get("first_token"))
+    return SampleView(correct, answer, dist, int(first.get("visual_tokens_in", 0)),
+                      int(first.get("visual_tokens_kept", 0)), first.get("evidence_recall"))
+
+
+def _kl_and_jsd(p: dict, q: dict) -> tuple[float, float]:
+    """KL(p || q) and JSD over the union of the stored ids (missing ids: probability ~0)."""
+    ids = sorted(set(p) | set(q))
+    floor = -1e9
+    lp = np.array([p.get(i, floor) for i in ids])
+    lq = np.array([q.get(i, floor) for i in ids])
+    pp, qq = np.exp(lp), np.exp(lq)
+    pp, qq = pp / pp.sum(), qq / qq.sum()
+    eps = 1e-12
+    kl = float(np.sum(pp * (np.log(pp + eps) - np.log(qq + eps))))
+    m = (pp + qq) / 2
+    jsd = float(0.5 * np.sum(pp * (np.log(pp + eps) - np.log(m + eps)))
+                + 0.5 * np.sum(qq * (np.log(qq + eps) - np.log(m + eps))))
+    return max(kl, 0.0), max(jsd, 0.0)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts b and c (binomial, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_metrics(reference: dict, pruned: dict) -> dict[str, float]:
+    """Metrics over the samples both cells hold: {key: SampleView} each."""
+    keys = sorted(set(reference) & set(pruned))
+    if not keys:
+        return {}
+    ref = [reference[k] for k in keys]
+    new = [pruned[k] for k in keys]
+    ref_acc = np.mean([r.correct for r in ref])
+    new_acc = np.mean([n.correct for n in new])
+    c2w = sum(r.correct and not n.correct for r, n in zip(ref, new))
+    w2c = sum(n.correct and not r.correct for r, n in zip(ref, new))
+    divergences = [_kl_and_jsd(r.dist, n.dist) for r, n in zip(ref, new) if r.dist and n.dist]
+    top1 = [max(r.dist, key=r.dist.get) == max(n.dist, key=n.dist.get) for r, n in zip(ref, new)
+            if r.dist and n.dist]
+    recalls = [n.evidence_recall for n in new if n.evidence_recall is not None]
+    out = {
+        "relative_accuracy": float(new_acc / ref_acc) if ref_acc > 0 else float("nan"),
+        "agreement": float(np.mean([r.answer == n.answer for r, n in zip(ref, new)])),
+        "flip_correct_to_wrong": c2w / len(keys),
+        "flip_wrong_to_correct": w2c / len(keys),
+        "first_token_kl": float(np.mean([d[0] for d in divergences])) if divergences else float("nan"),
+        "first_token_jsd": float(np.mean([d[1] for d in divergences])) if divergences else float("nan"),
+        "top1_agreement": float(np.mean(top1)) if top1 else float("nan"),
+        "mcnemar_p": mcnemar_p(c2w, w2c),
+        "visual_tokens_in": float(np.mean([n.visual_tokens_in for n in new])),
+        "visual_tokens_kept": float(np.mean([n.visual_tokens_kept for n in new])),
+    }
+    if recalls:
+        out["evidence_recall"] = float(np.mean(recalls))
+    return out
