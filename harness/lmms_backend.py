@@ -135,6 +135,8 @@ class VTPLlava(lmms):
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_token_id = tok.eos_token_id
         self.records: dict[tuple, dict] = {}
+        #: per task, the prompt and images of its first request: the input the FLOPs are counted on
+        self.example_prompts: dict[str, tuple] = {}
         self._warned_sampling = False
         self.configure(method, budget)
 
@@ -218,6 +220,19 @@ class VTPLlava(lmms):
         gc.collect()
         if self._device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+    def flops(self, task: str) -> dict[str, int]:
+        """Operation counts of the current method and budget on the task's first prompt (the
+        generation prompt; see harness.flops): fvcore counts and the analytic prefill."""
+        from . import flops
+
+        prompt, images = self.example_prompts[task]
+        inputs = self._encode([prompt], [images])
+        counts = flops.count_forward(self._model, inputs, self._pruning_applied)
+        per_layer = flops.tokens_per_layer(self._model, inputs, self._pruning_applied)
+        counts.pop("prefill_sdpa")
+        counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
+        return counts
 
     def pop_records(self) -> dict[tuple, dict]:
         """The per-request records so far, and start afresh."""
@@ -324,6 +339,7 @@ class VTPLlava(lmms):
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]
             images = self._visuals(doc_to_visual, doc_id, task, split)
             prepared.append((self.build_prompt(ctx, len(images)), images, gen_kwargs))
+            self.example_prompts.setdefault(task, prepared[-1][:2])
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
         bar = tqdm(total=len(requests), desc=f"generate [{self.method_name}, budget {self._budget_label}]",
                    disable=self.rank != 0, leave=False)
@@ -384,6 +400,7 @@ class VTPLlava(lmms):
             if callable(continuation):  # output_type: loglikelihood passes doc_to_target
                 continuation = continuation(self.task_dict[task][split][doc_id])
             prepared.append((self.build_prompt(ctx, len(images)), images, str(continuation)))
+            self.example_prompts.setdefault(task, prepared[-1][:2])
         order = sorted(range(len(requests)), key=lambda i: (-len(prepared[i][1]), -len(prepared[i][0])))
         bar = tqdm(total=len(requests), desc=f"loglikelihood [{self.method_name}, budget {self._budget_label}]",
                    disable=self.rank != 0, leave=False)

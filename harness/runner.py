@@ -346,6 +346,9 @@ def run(config: RunConfig, out=None) -> list[dict]:
         if method == "none":
             reference = views
         cell_rows = summary_rows(res, label, method, budget) + paired_rows(reference, views, label, method, budget)
+        for task in views:
+            cell_rows += [dict(model=label, method=method, budget=budget_label(budget), task=task, metric=metric,
+                               value=float(value)) for metric, value in lm.flops(task).items()]
         rows += cell_rows
         write_samples(out_dir, res, records, method, budget)
         results_dir = out_dir / "results"

@@ -64,7 +64,8 @@ def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
 
 
 PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
-          "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall"}
+          "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall",
+          "flops_vision", "flops_prefill", "flops_decode_per_token", "flops_prefill_analytic"}
 
 
 def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
@@ -88,6 +89,8 @@ def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
         assert value[("random", task, "visual_tokens_kept")] == 64 and value[("none", task, "visual_tokens_kept")] == 576
         assert 0 <= value[("random", task, "evidence_recall")] <= 1
         assert value[("random", task, "first_token_kl")] > 0  # pruning changed the distribution
+        assert value[("random", task, "flops_prefill")] < value[("none", task, "flops_prefill")] / 4
+        assert value[("random", task, "flops_prefill")] == value[("random", task, "flops_prefill_analytic")]
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows if r["metric"] == "accuracy")
     assert all(r["value"] == "2" for r in rows if r["metric"] == "n_samples")
     # per-task samples with the backend's per-request records

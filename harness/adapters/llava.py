@@ -183,6 +183,7 @@ class PruningRun:
             attention_row=attention_row)
 
     def _select(self, i, features, vision, n, attention_row=None) -> Selection:
+        n = int(n)  # a traced size (fvcore) is a tensor
         self._tokens_per_image = n
         k = tokens_to_keep(self.budget, n)
         with torch.no_grad():
