@@ -26,6 +26,7 @@ Only hooks are used: on exit every hook is removed and the model is exactly as i
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -77,6 +78,7 @@ class PruningRun:
                 raise ValueError(f"{type(method).__name__}: layer K must be in 1..{n_layers - 1} for this model, "
                                  f"got {self.layer!r}")
         self.images: list[ImageRecord] = []
+        self.selection_seconds = 0.0  # time spent in the method's select() (scores and choice)
         #: (B,) the position whose attention scores the image (in-LLM methods), when it is not each
         #: row's last real token: scoring a continuation, the last prompt token (set by the caller).
         self.query_positions: torch.Tensor | None = None
@@ -186,8 +188,12 @@ class PruningRun:
         n = int(n)  # a traced size (fvcore) is a tensor
         self._tokens_per_image = n
         k = tokens_to_keep(self.budget, n)
+        started = time.perf_counter()
         with torch.no_grad():
             selection = self.method.select(self._context(i, features, n, vision, attention_row), k)
+        if features.is_cuda:
+            torch.cuda.synchronize(features.device)
+        self.selection_seconds += time.perf_counter() - started
         kept = selection.kept
         if kept.ndim != 1 or (len(kept) > 1 and not bool((kept[1:] > kept[:-1]).all())):
             raise RuntimeError(f"{self.method!r} returned kept indices that are not ascending and distinct")

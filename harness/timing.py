@@ -1,0 +1,83 @@
+"""Latency of one cell, in a pass of its own (never the accuracy pass).
+
+On one prompt (the task's first), after `warmup` untimed runs, each quantity is timed `repeats`
+times and reported as the median, with the spread (min, max, interquartile range) kept for the store:
+
+  vision_ms             the vision tower and projector alone (`get_image_features`)
+  selection_ms          time inside the method's `select()` during one prefill
+  prefill_ms            time to first token: vision, selection and the LLM prefill (one forward, cache on)
+  decode_ms_per_token   (generate k + 1 tokens - generate 1 token) / k, min_new_tokens forcing the length
+  peak_memory_mb        CUDA only: peak allocated during one generate (NaN on CPU, where torch has no
+                        allocator statistics)
+
+On CUDA every timed region is synchronised. Device and attention backend are returned with the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def spread(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0],
+            "n": len(values)}
+
+
+def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, decode_tokens: int = 4) -> dict:
+    """Timings of `model` on `inputs` under `pruning` (a context-manager factory, or None)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    scope = pruning or contextlib.nullcontext
+    device = next(model.parameters()).device
+    gen = dict(do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+    selection = []
+
+    def prefill():
+        with scope() as run:
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        selection.append(1000 * run.selection_seconds if run is not None else 0.0)
+
+    def generate(n):
+        with scope():
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
+
+    with torch.no_grad():
+        vision = _timed(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), device,
+                        repeats, warmup)
+        prefill_ms = _timed(prefill, device, repeats, warmup)
+        one = _timed(lambda: generate(1), device, repeats, warmup)
+        more = _timed(lambda: generate(1 + decode_tokens), device, repeats, warmup)
+        peak = float("nan")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            generate(1 + decode_tokens)
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    decode = [(b - a) / decode_tokens for a, b in zip(one, more)]
+    figures = {"vision_ms": spread(vision), "selection_ms": spread(selection[warmup:]), "prefill_ms": spread(prefill_ms),
+               "decode_ms_per_token": spread(decode)}
+    return {"medians": {k: v["median"] for k, v in figures.items()} | {"peak_memory_mb": peak},
+            "spread": figures, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "attention": model.config._attn_implementation}
