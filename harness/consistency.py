@@ -31,7 +31,7 @@ from .testbed.questions import normalize_answer
 class SampleView:
     correct: bool
     answer: str
-    dist: dict  # token id (or option index) -> log-probability
+    dist: dict  # token id (or option index), as a string -> log-probability
     visual_tokens_in: int
     visual_tokens_kept: int
     evidence_recall: float | None
@@ -40,7 +40,7 @@ class SampleView:
 def _dist(first_token: dict | None) -> dict:
     if not first_token:
         return {}
-    return dict(zip(first_token["ids"], first_token["logprobs"]))
+    return {str(i): lp for i, lp in zip(first_token["ids"], first_token["logprobs"])}  # str: as JSON keeps them
 
 
 def sample_view(sample: dict, records: list[dict]) -> SampleView:
@@ -51,7 +51,7 @@ def sample_view(sample: dict, records: list[dict]) -> SampleView:
     if first.get("request_type") == "loglikelihood":  # multiple choice: one record per option
         losses = np.array([r["loss"] for r in records], dtype=float)
         logp = -losses - np.logaddexp.reduce(-losses)
-        answer, dist = str(int(losses.argmin())), dict(enumerate(logp.tolist()))
+        answer, dist = str(int(losses.argmin())), {str(i): lp for i, lp in enumerate(logp.tolist())}
     else:
         answer, dist = normalize_answer(first.get("text")), _dist(first.get("first_token"))
     return SampleView(correct, answer, dist, int(first.get("visual_tokens_in", 0)),

@@ -26,11 +26,12 @@ import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .consistency import paired_metrics, sample_view  # noqa: E402  (light: numpy)
+from .consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
+from .store import Store, cell_key, code_version, model_hash  # noqa: E402
 from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +283,24 @@ def _quiet_progress_bars() -> None:
         pass
 
 
+def _task_data_version() -> str:
+    """The committed testbed data's manifest hash (its version)."""
+    from .store import file_hash
+    from .testbed.data import TASKS_DIR
+
+    manifests = sorted(Path(TASKS_DIR).glob("**/MANIFEST*"))
+    return file_hash(manifests)[:16] if manifests else "none"
+
+
+def _provenance(config: RunConfig, model_path: Path, fingerprint: dict, lm) -> dict:
+    import platform
+    from importlib.metadata import version
+
+    packages = {p: version(p) for p in ("torch", "transformers", "lmms-eval", "fvcore", "numpy")}
+    return {"config": asdict(config), "model_path": str(model_path), **fingerprint, "packages": packages,
+            "python": platform.python_version(), "device": str(lm.device), "platform": platform.platform()}
+
+
 def run(config: RunConfig, out=None) -> list[dict]:
     """Evaluate every (method, budget) cell on the tasks and write the outputs. Returns the rows."""
     def say(msg: str) -> None:
@@ -315,6 +334,9 @@ def run(config: RunConfig, out=None) -> list[dict]:
         raise RunError(f"unknown task(s) {', '.join(map(repr, unknown))}; tasks in {TASKS_DIR}: {listed}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(out_dir / "results.sqlite")
+    fingerprint = {"model": model_hash(model_path), "tasks": sorted(tasks), "limit": limit,
+                   "task_data": _task_data_version(), "code": code_version(REPO_ROOT)}
     say(f"harness run: model {label} ({model_path}), {len(grid)} cell(s) x tasks {', '.join(tasks)}"
         + (f", limit {limit:g}" if limit is not None else "") + f", output {out_dir}")
     started = time.perf_counter()
@@ -324,12 +346,24 @@ def run(config: RunConfig, out=None) -> list[dict]:
     except ValueError as e:  # bad device/dtype/batch size
         raise RunError(str(e)) from None
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
+    run_id = store.start_run(_provenance(config, model_path, fingerprint, lm))
 
     rows: list[dict] = []
     reference: dict = {}  # the unpruned cell's sample views per task, computed once
     for i, (method, budget) in enumerate(grid, 1):
         lm.configure(method, budget)
         lm.pop_records()
+        determined_by = {**fingerprint, "method": method, "method_repr": repr(lm.method), "budget": budget}
+        key = cell_key(determined_by)
+        cached = store.finished(key)
+        if cached is not None:  # finished in an earlier (possibly interrupted) run: not recomputed
+            rows += cached
+            if method == "none":
+                reference = {task: {doc: SampleView(**v) for doc, v in docs.items()}
+                             for task, docs in store.sample_views(key).items()}
+            write_summary(out_dir / "summary.csv", rows)
+            say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget)}: finished earlier (cell {key})")
+            continue
         say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget)} ...")
         t0 = time.perf_counter()
         try:
@@ -350,6 +384,10 @@ def run(config: RunConfig, out=None) -> list[dict]:
             cell_rows += [dict(model=label, method=method, budget=budget_label(budget), task=task, metric=metric,
                                value=float(value)) for metric, value in lm.flops(task).items()]
         rows += cell_rows
+        by_doc = _records_by_doc(records)
+        store.save_cell(key, run_id, determined_by, cell_rows,
+                        [(task, doc, asdict(view), by_doc.get((task, doc), []))
+                         for task, docs in views.items() for doc, view in docs.items()])
         write_samples(out_dir, res, records, method, budget)
         results_dir = out_dir / "results"
         results_dir.mkdir(exist_ok=True)
@@ -360,6 +398,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
         mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
         say(f"      done in {time.perf_counter() - t0:.1f}s: mean accuracy {mean:.3f} over {len(acc)} task(s)")
 
+    store.close()
     say("")
     say(format_table(rows))
     say(f"\nwrote {out_dir / 'summary.csv'} ({len(rows)} rows) and {out_dir / 'samples'}/")

@@ -145,3 +145,38 @@ def test_summary_rows_are_long_format_per_task_not_group():
     ]
     table = runner.format_table(rows)
     assert "none@full" in table and "1.000 (n=4)" in table
+
+
+def test_a_rerun_skips_finished_cells_and_an_interrupted_sweep_resumes(tiny_llava_dir, tmp_path):
+    """Killed after its first cell, a sweep resumes on the same output folder without recomputing or
+    duplicating that cell; a complete rerun recomputes nothing and writes the same summary."""
+    import os
+    import signal
+    import sqlite3
+    import time
+
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "harness.cli", "run", "--methods", "none,random", "--budgets", "64,32",
+            "--tasks", "testbed_exist", "--limit", "2", "--model", str(tiny_llava_dir), "--output", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill as soon as the first cell is stored
+        if "done in" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 1
+    resumed = subprocess.run(args, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "method=none budget=full: finished earlier" in resumed.stdout
+    assert resumed.stdout.count(" ...") == 2  # only the two random cells ran
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 3
+        assert db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 3 * 2
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+    summary = (out / "summary.csv").read_text()
+    started = time.perf_counter()
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == 3 and " ..." not in again.stdout
+    assert (out / "summary.csv").read_text() == summary
+    assert time.perf_counter() - started < 120
