@@ -21,6 +21,28 @@ def _testbed_train(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from . import runner
+    from .bench import run_bench
+
+    try:
+        names = runner.resolve_methods(args.methods)
+        budgets = runner.parse_budgets(args.budgets)
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        unknown = [m for m in models if m not in ("testbed", "scaled-llava-1.5")]
+        if unknown or not models:
+            raise runner.RunError(f"unknown bench model(s) {unknown}; accepted: testbed, scaled-llava-1.5")
+        if args.repeats < 1:
+            raise runner.RunError(f"--repeats must be at least 1, got {args.repeats}")
+    except runner.RunError as e:
+        print(f"harness bench: {e}", file=sys.stderr)
+        return 2
+    run_bench(names, Path(args.output), repeats=args.repeats, budgets=tuple(budgets), models=models)
+    return 0
+
+
 def _limit(text: str):
     """An int (docs per task) or a float below 1 (a fraction of each task), as lmms-eval takes it."""
     try:
@@ -69,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", dest="log_level", default=None,
                      help="lmms-eval log level (default WARNING; INFO shows request counts)")
     run.set_defaults(func=_run)
+
+    bench = sub.add_parser("bench", help="selection overhead, realized vs predicted speedup, memory")
+    bench.add_argument("--methods", default="all", help="all | comma list of registered methods")
+    bench.add_argument("--budgets", default="192,128,64")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per quantity (median reported)")
+    bench.add_argument("--models", default="testbed,scaled-llava-1.5", help="testbed and/or scaled-llava-1.5")
+    bench.add_argument("--output", default="runs/bench", help="folder for bench.csv and bench.png")
+    bench.set_defaults(func=_bench)
 
     testbed = sub.add_parser("testbed", help="the synthetic world and its model").add_subparsers(
         dest="testbed_command", required=True)

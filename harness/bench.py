@@ -1,0 +1,140 @@
+"""`harness bench`: what each method costs and saves, measured side by side in one process.
+
+For every method at each budget, on one prompt (a testbed colour question, one image), on two
+models: the shipped testbed model, and a random-weight model of the LLaVA-1.5 architecture scaled
+to fit a CPU (`SCALED_LLAVA`: CLIP ViT 336/14 with 576 patch tokens, 2-layer GELU projector, Llama
+decoder with LLaVA-1.5-7B's proportions). Printed and written to `bench.csv` (+ `bench.png`):
+
+  selection_share     selection time / pruned prefill time (time to first token)
+  speedup_realized    unpruned prefill time / pruned prefill time
+  speedup_predicted   unpruned (vision + prefill) operations / pruned ones (harness.flops)
+  realized_vs_predicted
+  peak_memory_ratio   pruned / unpruned peak memory (CUDA only; NaN on CPU)
+
+Times are medians over `repeats` after a warm-up (harness.timing); ratios are what to compare
+across machines, absolute times only with the device named.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .testbed import model as M
+
+#: LLaVA-1.5-7B's shape scaled down: ViT 1024x24 -> 256x6, LLM 4096x32 (MLP 11008) -> 512x8 (MLP 1376),
+#: full multi-head attention as in LLaVA-1.5, vocabulary 32000.
+SCALED_LLAVA = M.ModelDims(vision_hidden=256, vision_layers=6, vision_heads=4, text_hidden=512, text_layers=8,
+                           text_heads=8, text_kv_heads=8, text_intermediate=1376)
+SCALED_VOCAB = 32000
+BUDGETS = (192, 128, 64)
+
+
+def scaled_llava():
+    """The random-weight LLaVA-1.5-shaped model (and the testbed processor, whose ids fit its vocabulary)."""
+    from transformers import LlavaForConditionalGeneration
+
+    _, processor = M.build_model(M.TINY)
+    config = M.build_config(SCALED_LLAVA, processor.tokenizer)
+    config.text_config.vocab_size = SCALED_VOCAB
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def _prompt(processor):
+    from .testbed import questions as Q
+    from .testbed import world as W
+
+    sample = Q.make_sample("test", "color", 0)
+    return processor(images=[[W.render_pil(sample["scenes"][0])]], text=[M.format_prompt(sample["question"])],
+                     return_tensors="pt")
+
+
+def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None):
+    from . import flops
+    from .adapters import prune
+    from .timing import time_cell
+
+    inputs = _prompt(processor)
+    params = params or {}
+    base_time = time_cell(model, inputs, None, repeats=repeats)
+    base_flops = flops.count_forward(model, inputs)
+    base_ops = base_flops["flops_vision"] + base_flops["flops_prefill"]
+    rows = []
+    for method in method_names:
+        import methods as registry
+
+        if not registry.get(method, **params.get(method, {})).uses_budget:
+            continue
+        for budget in budgets:
+            scope = lambda: prune(model, method, budget, **params.get(method, {}))  # noqa: E731
+            timed = time_cell(model, inputs, scope, repeats=repeats)
+            counted = flops.count_forward(model, inputs, scope)
+            t, b = timed["medians"], base_time["medians"]
+            ops = counted["flops_vision"] + counted["flops_prefill"]
+            realized, predicted = b["prefill_ms"] / t["prefill_ms"], base_ops / ops
+            rows.append({"model": name, "method": method, "budget": budget, "selection_ms": t["selection_ms"],
+                         "prefill_ms": t["prefill_ms"], "prefill_ms_unpruned": b["prefill_ms"],
+                         "selection_share": t["selection_ms"] / t["prefill_ms"],
+                         "speedup_realized": realized, "speedup_predicted": predicted,
+                         "realized_vs_predicted": realized / predicted,
+                         "peak_memory_ratio": t["peak_memory_mb"] / b["peak_memory_mb"]
+                         if not math.isnan(t["peak_memory_mb"]) else float("nan"),
+                         "device": timed["device"], "attention": timed["attention"]})
+            if progress:
+                progress(rows[-1])
+    return rows
+
+
+def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=("testbed", "scaled-llava-1.5"),
+              say=print) -> list[dict]:
+    import pandas as pd
+    from tqdm import tqdm
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import methods as registry
+
+    output.mkdir(parents=True, exist_ok=True)
+    budgeted = [m for m in method_names if registry.get(m).uses_budget]
+    rows = []
+    bar = tqdm(total=len(models) * len(budgeted) * len(budgets), desc="bench", unit="cell")
+    for name in models:
+        if name == "testbed":
+            model = LlavaForConditionalGeneration.from_pretrained(M.CHECKPOINT).eval()
+            processor = AutoProcessor.from_pretrained(M.CHECKPOINT)
+        else:
+            model, processor = scaled_llava()
+            say(f"{name}: {asdict(SCALED_LLAVA)}, vocabulary {SCALED_VOCAB}")
+        rows += bench_model(name, model, processor, method_names, budgets, repeats,
+                            progress=lambda row: bar.update(1))
+    bar.close()
+    frame = pd.DataFrame(rows)
+    frame.to_csv(output / "bench.csv", index=False)
+    _plot(frame, output / "bench.png")
+    columns = ["model", "method", "budget", "selection_share", "speedup_realized", "speedup_predicted",
+               "realized_vs_predicted", "peak_memory_ratio"]
+    say(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    say(f"device: {frame['device'].iloc[0]}, attention: {frame['attention'].iloc[0]}; wrote {output / 'bench.csv'}")
+    return rows
+
+
+def _plot(frame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    grid = sns.relplot(data=frame, x="speedup_predicted", y="speedup_realized", hue="method", style="budget",
+                       col="model", kind="scatter", facet_kws={"sharex": False, "sharey": False})
+    for ax in grid.axes.flat:
+        top = max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.plot([1, top], [1, top], color="grey", lw=1, ls="--")  # realized = predicted
+    grid.set_axis_labels("predicted prefill speedup (operations)", "realized prefill speedup (time)")
+    grid.savefig(path, dpi=120)
+    plt.close("all")

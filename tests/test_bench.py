@@ -1,0 +1,31 @@
+"""`harness bench` on a tiny model: every budgeted method gets its ratios (timings not asserted)."""
+
+import math
+
+import torch
+
+import methods
+from harness import bench
+from harness.testbed import model as M
+
+
+def test_bench_rows_for_every_budgeted_method():
+    torch.manual_seed(0)
+    model, processor = M.build_model(M.TINY)
+    names = methods.names()
+    rows = bench.bench_model("tiny", model, processor, names, budgets=(64,), repeats=1,
+                             params={"fastv": {"layer": 1}})
+    assert [r["method"] for r in rows] == [n for n in names if methods.get(n).uses_budget]
+    for row in rows:
+        assert row["speedup_predicted"] > 1  # 64 of 576 tokens: fewer operations, whatever the timer says
+        assert row["selection_share"] >= 0 and row["prefill_ms"] > 0
+        assert math.isnan(row["peak_memory_ratio"])  # CPU: no allocator statistics
+    assert abs(rows[0]["realized_vs_predicted"] - rows[0]["speedup_realized"] / rows[0]["speedup_predicted"]) < 1e-9
+
+
+def test_scaled_llava_has_the_stated_shape():
+    model, _ = bench.scaled_llava()
+    t, v = model.config.text_config, model.config.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size) == (512, 8, 1376, 32000)
+    assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == (256, 6, 336, 14)
+    assert t.num_key_value_heads == t.num_attention_heads  # LLaVA-1.5: full multi-head attention
