@@ -59,7 +59,8 @@ def _run(args) -> int:
 
     config = RunConfig(methods=args.methods, budgets=args.budgets, tasks=args.tasks, model=args.model,
                        model_name=args.model_name, limit=args.limit, output=args.output,
-                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, log_level=args.log_level)
+                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, log_level=args.log_level,
+                       timing_repeats=args.timing_repeats)
     try:
         run(config)
     except RunError as e:
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16, auto")
     run.add_argument("--log-level", dest="log_level", default=None,
                      help="lmms-eval log level (default WARNING; INFO shows request counts)")
+    run.add_argument("--timing-repeats", dest="timing_repeats", type=int, default=5,
+                     help="timed repeats per cell and task in the timing pass (0 skips it)")
     run.set_defaults(func=_run)
 
     bench = sub.add_parser("bench", help="selection overhead, realized vs predicted speedup, memory")

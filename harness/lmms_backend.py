@@ -234,6 +234,13 @@ class VTPLlava(lmms):
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
         return counts
 
+    def timings(self, task: str, repeats: int = 5) -> dict:
+        """The timing pass (harness.timing) of the current method and budget on the task's first prompt."""
+        from .timing import time_cell
+
+        prompt, images = self.example_prompts[task]
+        return time_cell(self._model, self._encode([prompt], [images]), self._pruning_applied, repeats=repeats)
+
     def pop_records(self) -> dict[tuple, dict]:
         """The per-request records so far, and start afresh."""
         records, self.records = self.records, {}

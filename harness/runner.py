@@ -59,6 +59,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str | None = None
     log_level: str | None = None
+    timing_repeats: int = 5  # the timing pass per cell and task; 0 skips it
     extra: dict = field(default_factory=dict)
 
 
@@ -380,14 +381,21 @@ def run(config: RunConfig, out=None) -> list[dict]:
         if method == "none":
             reference = views
         cell_rows = summary_rows(res, label, method, budget) + paired_rows(reference, views, label, method, budget)
+        timing_spread = {}
         for task in views:
+            measured = dict(lm.flops(task))
+            if config.timing_repeats:
+                timed = lm.timings(task, config.timing_repeats)
+                measured.update(timed["medians"])
+                timing_spread[task] = timed
             cell_rows += [dict(model=label, method=method, budget=budget_label(budget), task=task, metric=metric,
-                               value=float(value)) for metric, value in lm.flops(task).items()]
+                               value=float(value)) for metric, value in measured.items()]
         rows += cell_rows
         by_doc = _records_by_doc(records)
         store.save_cell(key, run_id, determined_by, cell_rows,
                         [(task, doc, asdict(view), by_doc.get((task, doc), []))
-                         for task, docs in views.items() for doc, view in docs.items()])
+                         for task, docs in views.items() for doc, view in docs.items()],
+                        details={"timing": timing_spread})
         write_samples(out_dir, res, records, method, budget)
         results_dir = out_dir / "results"
         results_dir.mkdir(exist_ok=True)

@@ -4,7 +4,8 @@ Tables:
   runs     one row per `harness run` invocation: when, and its provenance (package versions, git
            commit, device, model hash, the command's configuration).
   cells    one row per finished (model, method with its parameters, budget, tasks, limit) cell: its
-           key, what determines it, its summary rows.
+           key, what determines it, its summary rows, and details (the timing spread per task:
+           min, max, interquartile range, repeats; the device and attention backend).
   samples  one row per (cell, task, doc): the paired-metric view of the sample and the backend's
            records for it.
 
@@ -27,7 +28,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, started TEXT, provenance TEXT);
 CREATE TABLE IF NOT EXISTS cells (
     cell_key TEXT PRIMARY KEY, run_id INTEGER, model TEXT, method TEXT, method_repr TEXT, budget TEXT,
-    determined_by TEXT, rows TEXT, finished TEXT);
+    determined_by TEXT, rows TEXT, details TEXT, finished TEXT);
 CREATE TABLE IF NOT EXISTS samples (
     cell_key TEXT, task TEXT, doc_id INTEGER, view TEXT, records TEXT, PRIMARY KEY (cell_key, task, doc_id));
 """
@@ -96,7 +97,7 @@ class Store:
         return out
 
     def save_cell(self, key: str, run_id: int, determined_by: dict, rows: list[dict],
-                  samples: list[tuple[str, int, dict, list]]) -> None:
+                  samples: list[tuple[str, int, dict, list]], details: dict | None = None) -> None:
         """All of a cell at once: a transaction, so a kill leaves either the whole cell or nothing."""
         with self.db:
             self.db.execute("DELETE FROM samples WHERE cell_key = ?", (key,))
@@ -106,7 +107,7 @@ class Store:
                  for task, doc_id, view, records in samples])
             self.db.execute(
                 "INSERT OR REPLACE INTO cells (cell_key, run_id, model, method, method_repr, budget, determined_by, "
-                "rows, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "rows, details, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, run_id, determined_by["model"], determined_by["method"], determined_by["method_repr"],
                  str(determined_by["budget"]), json.dumps(determined_by, sort_keys=True, default=str),
-                 json.dumps(rows), datetime.now(timezone.utc).isoformat()))
+                 json.dumps(rows), json.dumps(details or {}, default=str), datetime.now(timezone.utc).isoformat()))

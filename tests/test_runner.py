@@ -65,13 +65,14 @@ def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
 
 PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
           "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall",
-          "flops_vision", "flops_prefill", "flops_decode_per_token", "flops_prefill_analytic"}
+          "flops_vision", "flops_prefill", "flops_decode_per_token", "flops_prefill_analytic",
+          "vision_ms", "selection_ms", "prefill_ms", "decode_ms_per_token", "peak_memory_mb"}
 
 
 def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["run", "--methods", "random", "--budgets", "64", "--tasks", "testbed_exist,testbed_color_mc",
-                     "--limit", "2", "--model", str(tiny_llava_dir), "--output", str(out)]) == 0
+                     "--limit", "2", "--model", str(tiny_llava_dir), "--output", str(out), "--timing-repeats", "2"]) == 0
     with (out / "summary.csv").open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == ("model", "method", "budget", "task", "metric", "value")
@@ -93,6 +94,13 @@ def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
         assert value[("random", task, "flops_prefill")] == value[("random", task, "flops_prefill_analytic")]
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows if r["metric"] == "accuracy")
     assert all(r["value"] == "2" for r in rows if r["metric"] == "n_samples")
+    assert all(float(r["value"]) > 0 for r in rows if r["metric"] == "prefill_ms")
+    import sqlite3
+
+    with sqlite3.connect(out / "results.sqlite") as db:
+        details = [json.loads(d) for (d,) in db.execute("SELECT details FROM cells")]
+    assert all(d["timing"]["testbed_exist"]["spread"]["prefill_ms"]["n"] == 2 for d in details)
+    assert all(d["timing"]["testbed_exist"]["device"] == "cpu" for d in details)
     # per-task samples with the backend's per-request records
     for task, n_requests in (("testbed_exist", 1), ("testbed_color_mc", 4)):
         lines = [json.loads(x) for x in (out / "samples" / f"random_64_{task}.jsonl").read_text().splitlines()]
@@ -157,7 +165,8 @@ def test_a_rerun_skips_finished_cells_and_an_interrupted_sweep_resumes(tiny_llav
 
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "harness.cli", "run", "--methods", "none,random", "--budgets", "64,32",
-            "--tasks", "testbed_exist", "--limit", "2", "--model", str(tiny_llava_dir), "--output", str(out)]
+            "--tasks", "testbed_exist", "--limit", "2", "--model", str(tiny_llava_dir), "--output", str(out),
+            "--timing-repeats", "0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # kill as soon as the first cell is stored
         if "done in" in line:
