@@ -15,6 +15,7 @@ Metrics (rows of summary.csv; names fixed):
   top1_agreement           share of samples whose most likely first token (or option) is the same
   mcnemar_p                exact two-sided McNemar test on the discordant pairs
   visual_tokens_in / visual_tokens_kept / evidence_recall   means over the samples
+  delta_ipr                mean over samples of IPR(kept tokens) - IPR(all tokens) (METHODS.md section 3)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class SampleView:
     visual_tokens_in: int
     visual_tokens_kept: int
     evidence_recall: float | None
+    delta_ipr: float | None = None
 
 
 def _dist(first_token: dict | None) -> dict:
@@ -55,7 +57,7 @@ def sample_view(sample: dict, records: list[dict]) -> SampleView:
     else:
         answer, dist = normalize_answer(first.get("text")), _dist(first.get("first_token"))
     return SampleView(correct, answer, dist, int(first.get("visual_tokens_in", 0)),
-                      int(first.get("visual_tokens_kept", 0)), first.get("evidence_recall"))
+                      int(first.get("visual_tokens_kept", 0)), first.get("evidence_recall"), first.get("delta_ipr"))
 
 
 def _kl_and_jsd(p: dict, q: dict) -> tuple[float, float]:
@@ -113,4 +115,7 @@ def paired_metrics(reference: dict, pruned: dict) -> dict[str, float]:
     }
     if recalls:
         out["evidence_recall"] = float(np.mean(recalls))
+    ipr = [n.delta_ipr for n in new if n.delta_ipr is not None]
+    if ipr:
+        out["delta_ipr"] = float(np.mean(ipr))
     return out

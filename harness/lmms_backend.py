@@ -179,6 +179,18 @@ class VTPLlava(lmms):
         with prune(self._model, self.method, self.budget) as run:
             yield run
 
+    def _delta_ipr_per_row(self, run, input_ids) -> list[float | None]:
+        """Mean ΔIPR of each row's images (0 for the unpruned model, which keeps every token)."""
+        per_image = self._model.config.image_seq_length
+        counts = [n // per_image for n in self._visual_counts(input_ids)]
+        values = [r.extra.get("delta_ipr") for r in run.images] if run is not None else [0.0] * sum(counts)
+        out, start = [], 0
+        for n in counts:
+            row = [v for v in values[start:start + n] if v is not None]
+            out.append(sum(row) / len(row) if row else None)
+            start += n
+        return out
+
     def _kept_per_row(self, run, input_ids) -> list[list[list[int]]]:
         """Kept indices of each row's images (images fill rows in order)."""
         per_image = self._model.config.image_seq_length
@@ -375,6 +387,7 @@ class VTPLlava(lmms):
         sequences = out.sequences[:, n_in:].tolist()
         first_logits = out.logits[0] if out.logits else None
         kept = self._kept_per_row(run, inputs["input_ids"])
+        delta_ipr = self._delta_ipr_per_row(run, inputs["input_ids"])
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         results = []
         for row, (ids, req) in enumerate(zip(sequences, reqs)):
@@ -390,7 +403,7 @@ class VTPLlava(lmms):
                           input_tokens=int(prompt_lengths[row]),
                           visual_tokens_in=int(visual_in[row]),
                           visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row],
-                          evidence_recall=self._evidence_recall(req, kept[row]))
+                          evidence_recall=self._evidence_recall(req, kept[row]), delta_ipr=delta_ipr[row])
             self.records[self._key(req)] = record
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
                 input_tokens=int(prompt_lengths[row]), output_tokens=len(ids))))
@@ -446,13 +459,14 @@ class VTPLlava(lmms):
                                  **model_inputs).logits
             columns = run.columns() if run is not None else None  # original column of each output position
         kept = self._kept_per_row(run, input_ids)
+        delta_ipr = self._delta_ipr_per_row(run, input_ids)
         results = []
         for row, (p, c, req) in enumerate(zip(prompt_lengths, conts, reqs)):
             record = self._record_base(req, "loglikelihood")
             record.update(continuation=items[row][2], continuation_ids=c, input_tokens=int(p),
                           visual_tokens_in=int(visual_in[row]),
                           visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row],
-                          evidence_recall=self._evidence_recall(req, kept[row]))
+                          evidence_recall=self._evidence_recall(req, kept[row]), delta_ipr=delta_ipr[row])
             if not c:
                 loss, greedy, first = 0.0, True, None
             else:

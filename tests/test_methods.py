@@ -217,3 +217,22 @@ def test_bad_inputs_are_clear_errors(tiny):
         methods.get("random", position_policy="shuffled")
     with pytest.raises(ValueError, match="seed must be in"):
         methods.get("random", seed=-1)
+
+
+def test_ipr_of_known_spectra():
+    from harness.adapters.llava import ipr
+
+    assert ipr(torch.ones(5, 3)) == pytest.approx(1.0)  # rank one
+    assert ipr(torch.eye(4)) == pytest.approx(0.25)  # flat spectrum of rank 4
+    x = torch.diag(torch.tensor([2.0, 1.0]))
+    assert ipr(x) == pytest.approx((4 / 5) ** 2 + (1 / 5) ** 2)
+
+
+def test_delta_ipr_is_recorded_per_image(tiny):
+    model, processor = tiny
+    with prune(model, "random", budget=N) as run:
+        _generate(model, _inputs(processor, SAMPLES[:1]))
+    assert run.images[0].extra["delta_ipr"] == pytest.approx(0.0, abs=1e-6)  # every token kept
+    with prune(model, "random", budget=16) as run:
+        _generate(model, _inputs(processor, SAMPLES[:1]))
+    assert run.images[0].extra["delta_ipr"] != 0.0

@@ -65,6 +65,7 @@ def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
 
 PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
           "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall",
+          "delta_ipr",
           "flops_vision", "flops_prefill", "flops_decode_per_token", "flops_prefill_analytic",
           "vision_ms", "selection_ms", "prefill_ms", "decode_ms_per_token", "peak_memory_mb"}
 
@@ -86,7 +87,8 @@ def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
     value = {(r["method"], r["task"], r["metric"]): float(r["value"]) for r in rows}
     for task in ("testbed_exist", "testbed_color_mc"):
         assert value[("none", task, "agreement")] == 1.0 and value[("none", task, "first_token_kl")] == 0.0
-        assert value[("none", task, "evidence_recall")] == 1.0
+        assert value[("none", task, "evidence_recall")] == 1.0 and value[("none", task, "delta_ipr")] == 0.0
+        assert value[("random", task, "delta_ipr")] != 0.0
         assert value[("random", task, "visual_tokens_kept")] == 64 and value[("none", task, "visual_tokens_kept")] == 576
         assert 0 <= value[("random", task, "evidence_recall")] <= 1
         assert value[("random", task, "first_token_kl")] > 0  # pruning changed the distribution

@@ -199,7 +199,9 @@ class PruningRun:
             raise RuntimeError(f"{self.method!r} returned kept indices that are not ascending and distinct")
         if not self.method.adaptive and len(kept) != k:
             raise RuntimeError(f"{self.method!r} kept {len(kept)} tokens, the budget asks for {k}")
-        self.images.append(ImageRecord(n, kept.cpu(), dict(selection.extra)))
+        kept_features = selection.features if selection.features is not None else features[kept]
+        extra = {**selection.extra, "delta_ipr": ipr(kept_features) - ipr(features)}
+        self.images.append(ImageRecord(n, kept.cpu(), extra))
         return selection
 
     # ------------------------------------------------------------------ the sequence
@@ -338,6 +340,15 @@ class PruningRun:
                                   layer_idx=self.layer)
         return {"attention_mask": mask, "position_ids": position_ids,
                 "position_embeddings": lm.rotary_emb(hidden, position_ids)}
+
+
+def ipr(tokens: torch.Tensor) -> float:
+    """Inverse participation ratio of the singular-value spectrum of (n, D) token representations:
+    p_j = s_j^2 / sum s^2, IPR = sum p_j^2 (1/r for a flat spectrum of rank r, 1 for rank one).
+    Uncentred, as METHODS.md section 3 defines it (the choice is recorded there)."""
+    s = torch.linalg.svdvals(tokens.detach().float())
+    p = s.pow(2) / s.pow(2).sum().clamp(min=1e-30)
+    return float(p.pow(2).sum())
 
 
 def last_token_attention(layer, hidden, position_embeddings, mask2d, positions=None) -> torch.Tensor:
