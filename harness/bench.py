@@ -72,7 +72,7 @@ def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5
         if not registry.get(method, **params.get(method, {})).uses_budget:
             continue
         for budget in budgets:
-            scope = lambda: prune(model, method, budget, **params.get(method, {}))  # noqa: E731
+            scope = lambda: prune(model, method, budget, record_ipr=False, **params.get(method, {}))  # noqa: E731
             timed = time_cell(model, inputs, scope, repeats=repeats)
             counted = flops.count_forward(model, inputs, scope)
             t, b = timed["medians"], base_time["medians"]

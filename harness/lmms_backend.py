@@ -170,14 +170,17 @@ class VTPLlava(lmms):
     __repr__ = __str__
 
     @contextlib.contextmanager
-    def _pruning_applied(self):
+    def _pruning_applied(self, record_ipr: bool = True):
         """The method's hooks around one batch (the LLaVA adapter); None for the unpruned model,
         which runs without any hook."""
         if isinstance(self.method, methods.NoPruning):
             yield None
             return
-        with prune(self._model, self.method, self.budget) as run:
+        with prune(self._model, self.method, self.budget, record_ipr=record_ipr) as run:
             yield run
+
+    def _measuring(self):
+        return self._pruning_applied(record_ipr=False)
 
     def _delta_ipr_per_row(self, run, input_ids) -> list[float | None]:
         """Mean ΔIPR of each row's images (0 for the unpruned model, which keeps every token)."""
@@ -240,8 +243,8 @@ class VTPLlava(lmms):
 
         prompt, images = self.example_prompts[task]
         inputs = self._encode([prompt], [images])
-        counts = flops.count_forward(self._model, inputs, self._pruning_applied)
-        per_layer = flops.tokens_per_layer(self._model, inputs, self._pruning_applied)
+        counts = flops.count_forward(self._model, inputs, self._measuring)
+        per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
         counts.pop("prefill_sdpa")
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
         return counts
@@ -251,7 +254,7 @@ class VTPLlava(lmms):
         from .timing import time_cell
 
         prompt, images = self.example_prompts[task]
-        return time_cell(self._model, self._encode([prompt], [images]), self._pruning_applied, repeats=repeats)
+        return time_cell(self._model, self._encode([prompt], [images]), self._measuring, repeats=repeats)
 
     def pop_records(self) -> dict[tuple, dict]:
         """The per-request records so far, and start afresh."""

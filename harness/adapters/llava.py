@@ -63,7 +63,7 @@ def _image_seed(pixels: torch.Tensor) -> int:
 class PruningRun:
     """The hooks that apply one method at one budget to one model; see the module docstring."""
 
-    def __init__(self, model, method: Method | str, budget=None, **params):
+    def __init__(self, model, method: Method | str, budget=None, record_ipr: bool = True, **params):
         if isinstance(method, str):
             method = methods.get(method, **params)
         self.model = model
@@ -78,6 +78,7 @@ class PruningRun:
                 raise ValueError(f"{type(method).__name__}: layer K must be in 1..{n_layers - 1} for this model, "
                                  f"got {self.layer!r}")
         self.images: list[ImageRecord] = []
+        self.record_ipr = record_ipr  # off in timing and FLOPs passes: the SVD is measurement, not method
         self.selection_seconds = 0.0  # time spent in the method's select() (scores and choice)
         #: (B,) the position whose attention scores the image (in-LLM methods), when it is not each
         #: row's last real token: scoring a continuation, the last prompt token (set by the caller).
@@ -199,8 +200,10 @@ class PruningRun:
             raise RuntimeError(f"{self.method!r} returned kept indices that are not ascending and distinct")
         if not self.method.adaptive and len(kept) != k:
             raise RuntimeError(f"{self.method!r} kept {len(kept)} tokens, the budget asks for {k}")
-        kept_features = selection.features if selection.features is not None else features[kept]
-        extra = {**selection.extra, "delta_ipr": ipr(kept_features) - ipr(features)}
+        extra = dict(selection.extra)
+        if self.record_ipr:
+            kept_features = selection.features if selection.features is not None else features[kept]
+            extra["delta_ipr"] = ipr(kept_features) - ipr(features)
         self.images.append(ImageRecord(n, kept.cpu(), extra))
         return selection
 
@@ -383,9 +386,9 @@ def last_token_attention(layer, hidden, position_embeddings, mask2d, positions=N
 
 
 @contextlib.contextmanager
-def prune(model, method: Method | str, budget=None, **params):
+def prune(model, method: Method | str, budget=None, record_ipr: bool = True, **params):
     """Apply `method` (a registered name with `params`, or an instance) at `budget` to a
     `LlavaForConditionalGeneration` for the duration of the block; see the module docstring."""
-    run = PruningRun(model, method, budget, **params)
+    run = PruningRun(model, method, budget, record_ipr=record_ipr, **params)
     with run:
         yield run
