@@ -112,8 +112,9 @@ class VTPLlava(lmms):
         # The evaluator always passes batch_size/max_batch_size/device (the latter two possibly
         # None-filtered); anything else is a typo worth a warning, not a crash.
         kwargs.pop("max_batch_size", None)
-        if kwargs:
-            logger.warning(f"vtp_llava ignores model_args {sorted(kwargs)}")
+        # Anything else is a parameter of the method (`method=fastv,layer=2`); methods.get rejects
+        # a name the method does not have, listing the ones it accepts.
+        self.method_params = kwargs
         self.pretrained = check_pretrained(pretrained)
         self._device = _resolve_device(device)
         self._dtype = _resolve_dtype(dtype, self._device)
@@ -148,7 +149,7 @@ class VTPLlava(lmms):
         The budget is dropped for methods that take none (``none``), so the unpruned cell is
         one cell whatever ``--budgets`` says.
         """
-        self.method = methods.get(method) if isinstance(method, str) else method
+        self.method = methods.get(method, **self.method_params) if isinstance(method, str) else method
         budget = check_budget(parse_budget(budget), self._model.config.image_seq_length)
         if budget is not None and not getattr(self.method, "uses_budget", True):
             budget = None

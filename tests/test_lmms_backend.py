@@ -187,6 +187,10 @@ def test_bad_arguments_are_reported(tiny_llava_dir):
         VTPLlava(pretrained=str(tiny_llava_dir), batch_size="auto")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         VTPLlava(pretrained=str(tiny_llava_dir), method="nope")
+    with pytest.raises(ValueError, match="method 'fastv' has no parameter.*ratio; it accepts: layer, position_policy"):
+        VTPLlava(pretrained=str(tiny_llava_dir), method="fastv", budget=64, ratio=0.5)
+    lm = VTPLlava.create_from_arg_string(f"pretrained={tiny_llava_dir},method=fastv,budget=64,layer=1", {})
+    assert lm.method == __import__("methods").get("fastv", layer=1) and lm.budget == 64
 
 
 @pytest.fixture()
