@@ -14,6 +14,8 @@ Metrics (rows of summary.csv; names fixed):
   first_token_jsd          mean Jensen-Shannon divergence (natural log, textbook definition) of the same
   top1_agreement           share of samples whose most likely first token (or option) is the same
   mcnemar_p                exact two-sided McNemar test on the discordant pairs
+  teacher_forced_nll       mean summed NLL of the unpruned model's generated answer under the pruned
+                           model (generation tasks; not for the unpruned cell itself)
   visual_tokens_in / visual_tokens_kept / evidence_recall   means over the samples
   delta_ipr                mean over samples of IPR(kept tokens) - IPR(all tokens) (METHODS.md section 3)
 """
@@ -37,6 +39,7 @@ class SampleView:
     visual_tokens_kept: int
     evidence_recall: float | None
     delta_ipr: float | None = None
+    teacher_forced_nll: float | None = None
 
 
 def _dist(first_token: dict | None) -> dict:
@@ -57,7 +60,8 @@ def sample_view(sample: dict, records: list[dict]) -> SampleView:
     else:
         answer, dist = normalize_answer(first.get("text")), _dist(first.get("first_token"))
     return SampleView(correct, answer, dist, int(first.get("visual_tokens_in", 0)),
-                      int(first.get("visual_tokens_kept", 0)), first.get("evidence_recall"), first.get("delta_ipr"))
+                      int(first.get("visual_tokens_kept", 0)), first.get("evidence_recall"), first.get("delta_ipr"),
+                      first.get("teacher_forced_nll"))
 
 
 def _kl_and_jsd(p: dict, q: dict) -> tuple[float, float]:
@@ -115,6 +119,9 @@ def paired_metrics(reference: dict, pruned: dict) -> dict[str, float]:
     }
     if recalls:
         out["evidence_recall"] = float(np.mean(recalls))
+    nll = [n.teacher_forced_nll for n in new if n.teacher_forced_nll is not None]
+    if nll:
+        out["teacher_forced_nll"] = float(np.mean(nll))
     ipr = [n.delta_ipr for n in new if n.delta_ipr is not None]
     if ipr:
         out["delta_ipr"] = float(np.mean(ipr))

@@ -136,6 +136,10 @@ class VTPLlava(lmms):
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_token_id = tok.eos_token_id
         self.records: dict[tuple, dict] = {}
+        #: (task, doc_id, idx) -> the unpruned model's generated ids; when set (harness run sets it
+        #: after the reference cell), generation also records `teacher_forced_nll`: the summed NLL of
+        #: the unpruned answer under the current method.
+        self.reference_answers: dict[tuple, list[int]] = {}
         #: per task, the prompt and images of its first request: the input the FLOPs are counted on
         self.example_prompts: dict[str, tuple] = {}
         self._warned_sampling = False
@@ -392,6 +396,13 @@ class VTPLlava(lmms):
         first_logits = out.logits[0] if out.logits else None
         kept = self._kept_per_row(run, inputs["input_ids"])
         delta_ipr = self._delta_ipr_per_row(run, inputs["input_ids"])
+        reference = [self.reference_answers.get(self._key(r)) for r in reqs]
+        teacher_nll = [None] * len(reqs)
+        if any(ref for ref in reference):
+            rows = [i for i, ref in enumerate(reference) if ref]
+            scored, _ = self._score_continuations([items[i][:2] for i in rows], [reference[i] for i in rows])
+            for i, (loss, _, _) in zip(rows, scored):
+                teacher_nll[i] = loss
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         results = []
         for row, (ids, req) in enumerate(zip(sequences, reqs)):
@@ -407,7 +418,8 @@ class VTPLlava(lmms):
                           input_tokens=int(prompt_lengths[row]),
                           visual_tokens_in=int(visual_in[row]),
                           visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row],
-                          evidence_recall=self._evidence_recall(req, kept[row]), delta_ipr=delta_ipr[row])
+                          evidence_recall=self._evidence_recall(req, kept[row]), delta_ipr=delta_ipr[row],
+                          teacher_forced_nll=teacher_nll[row])
             self.records[self._key(req)] = record
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
                 input_tokens=int(prompt_lengths[row]), output_tokens=len(ids))))
@@ -439,22 +451,38 @@ class VTPLlava(lmms):
 
     @torch.inference_mode()
     def _loglikelihood_batch(self, items, reqs) -> list[tuple[float, bool]]:
-        # Right padding: a plain forward does not derive positions from the attention mask, so
-        # left padding would shift them; trailing pads cannot affect earlier (causal) positions.
-        inputs = self._encode([p for p, _, _ in items], [ims for _, ims, _ in items], padding_side="right")
-        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
-        visual_in = self._visual_counts(inputs["input_ids"])
         conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for _, _, c in items]
+        scored, run_info = self._score_continuations([(p, ims) for p, ims, _ in items], conts)
+        results = []
+        for row, ((loss, greedy, first), req) in enumerate(zip(scored, reqs)):
+            record = self._record_base(req, "loglikelihood")
+            kept = run_info["kept"][row]
+            record.update(continuation=items[row][2], continuation_ids=conts[row],
+                          input_tokens=int(run_info["prompt_lengths"][row]),
+                          visual_tokens_in=int(run_info["visual_in"][row]),
+                          visual_tokens_kept=sum(len(k) for k in kept), kept_indices=kept,
+                          evidence_recall=self._evidence_recall(req, kept), delta_ipr=run_info["delta_ipr"][row],
+                          loss=loss, is_greedy=greedy, first_token=first)
+            self.records[self._key(req)] = record
+            results.append((loss, greedy))
+        return results
+
+    @torch.inference_mode()
+    def _score_continuations(self, prompts, conts: list[list[int]]):
+        """Summed NLL (and whether greedy, and the first token's distribution) of each continuation
+        after its prompt, under the current method: one teacher-forced forward for the batch."""
+        # Right padding: trailing pads cannot affect earlier (causal) positions; positions come from
+        # the mask, so they are exact per row whatever the padding, also after pruning re-pads rows.
+        inputs = self._encode([p for p, _ in prompts], [ims for _, ims in prompts], padding_side="right")
+        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         total = max(p + len(c) for p, c in zip(prompt_lengths, conts))
-        input_ids = torch.full((len(items), total), self.pad_token_id, dtype=torch.long, device=self._device)
-        attention = torch.zeros((len(items), total), dtype=torch.long, device=self._device)
+        input_ids = torch.full((len(prompts), total), self.pad_token_id, dtype=torch.long, device=self._device)
+        attention = torch.zeros((len(prompts), total), dtype=torch.long, device=self._device)
         for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
             input_ids[row, :p] = inputs["input_ids"][row, :p]
             input_ids[row, p:p + len(c)] = torch.tensor(c, dtype=torch.long, device=self._device)
             attention[row, :p + len(c)] = 1
         model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        # Positions from the mask (what generate() does): exact per row whatever the padding, also
-        # after pruning re-pads the rows.
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         with self._pruning_applied() as run:
             if run is not None:  # in-LLM methods score from the last prompt token, not the continuation
@@ -462,27 +490,18 @@ class VTPLlava(lmms):
             logits = self._model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                  **model_inputs).logits
             columns = run.columns() if run is not None else None  # original column of each output position
-        kept = self._kept_per_row(run, input_ids)
-        delta_ipr = self._delta_ipr_per_row(run, input_ids)
-        results = []
-        for row, (p, c, req) in enumerate(zip(prompt_lengths, conts, reqs)):
-            record = self._record_base(req, "loglikelihood")
-            record.update(continuation=items[row][2], continuation_ids=c, input_tokens=int(p),
-                          visual_tokens_in=int(visual_in[row]),
-                          visual_tokens_kept=sum(len(k) for k in kept[row]), kept_indices=kept[row],
-                          evidence_recall=self._evidence_recall(req, kept[row]), delta_ipr=delta_ipr[row])
+        info = {"prompt_lengths": prompt_lengths, "visual_in": self._visual_counts(input_ids),
+                "kept": self._kept_per_row(run, input_ids), "delta_ipr": self._delta_ipr_per_row(run, input_ids)}
+        scored = []
+        for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
             if not c:
-                loss, greedy, first = 0.0, True, None
-            else:
-                at = torch.arange(p - 1, p - 1 + len(c), device=logits.device)
-                if columns is not None:  # where those positions went in the pruned sequence
-                    at = (columns[row][None, :] == at[:, None]).float().argmax(-1)
-                logprobs = F.log_softmax(logits[row, at].float(), dim=-1)
-                target = torch.tensor(c, device=logprobs.device)
-                loss = float(-logprobs.gather(-1, target[:, None]).sum())
-                greedy = bool((logprobs.argmax(-1) == target).all())
-                first = self._first_token_dist(logits[row, at[0]])
-            record.update(loss=loss, is_greedy=greedy, first_token=first)
-            self.records[self._key(req)] = record
-            results.append((loss, greedy))
-        return results
+                scored.append((0.0, True, None))
+                continue
+            at = torch.arange(p - 1, p - 1 + len(c), device=logits.device)
+            if columns is not None:  # where those positions went in the pruned sequence
+                at = (columns[row][None, :] == at[:, None]).float().argmax(-1)
+            logprobs = F.log_softmax(logits[row, at].float(), dim=-1)
+            target = torch.tensor(c, device=logprobs.device)
+            scored.append((float(-logprobs.gather(-1, target[:, None]).sum()),
+                           bool((logprobs.argmax(-1) == target).all()), self._first_token_dist(logits[row, at[0]])))
+        return scored, info

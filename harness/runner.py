@@ -362,6 +362,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
             if method == "none":
                 reference = {task: {doc: SampleView(**v) for doc, v in docs.items()}
                              for task, docs in store.sample_views(key).items()}
+                lm.reference_answers = {k: r["generated_ids"] for k, r in store.records(key).items()
+                                        if "generated_ids" in r}
             write_summary(out_dir / "summary.csv", rows)
             say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget)}: finished earlier (cell {key})")
             continue
@@ -380,6 +382,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
         views = sample_views(res, records)
         if method == "none":
             reference = views
+            lm.reference_answers = {k: r["generated_ids"] for k, r in records.items() if "generated_ids" in r}
         cell_rows = summary_rows(res, label, method, budget) + paired_rows(reference, views, label, method, budget)
         timing_spread = {}
         for task in views:

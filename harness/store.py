@@ -96,6 +96,15 @@ class Store:
             out.setdefault(task, {})[doc_id] = json.loads(view)
         return out
 
+    def records(self, key: str) -> dict[tuple, dict]:
+        """{(task, doc_id, idx): record} of a finished cell (the backend's per-request records)."""
+        out = {}
+        for task, doc_id, records in self.db.execute("SELECT task, doc_id, records FROM samples WHERE cell_key = ?",
+                                                     (key,)):
+            for idx, record in enumerate(json.loads(records)):
+                out[(task, doc_id, idx)] = record
+        return out
+
     def save_cell(self, key: str, run_id: int, determined_by: dict, rows: list[dict],
                   samples: list[tuple[str, int, dict, list]], details: dict | None = None) -> None:
         """All of a cell at once: a transaction, so a kill leaves either the whole cell or nothing."""

@@ -83,7 +83,8 @@ def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
     for method in ("none", "random"):
         for task in ("testbed_exist", "testbed_color_mc"):
             metrics = {r["metric"] for r in rows if r["method"] == method and r["task"] == task}
-            assert metrics == {"accuracy", "n_samples"} | PAIRED
+            extra = {"teacher_forced_nll"} if (method, task) == ("random", "testbed_exist") else set()
+            assert metrics == {"accuracy", "n_samples"} | PAIRED | extra
     value = {(r["method"], r["task"], r["metric"]): float(r["value"]) for r in rows}
     for task in ("testbed_exist", "testbed_color_mc"):
         assert value[("none", task, "agreement")] == 1.0 and value[("none", task, "first_token_kl")] == 0.0
@@ -94,6 +95,9 @@ def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
         assert value[("random", task, "first_token_kl")] > 0  # pruning changed the distribution
         assert value[("random", task, "flops_prefill")] < value[("none", task, "flops_prefill")] / 4
         assert value[("random", task, "flops_prefill")] == value[("random", task, "flops_prefill_analytic")]
+    assert value[("random", "testbed_exist", "teacher_forced_nll")] > 0  # generation task: scored
+    assert ("none", "testbed_exist", "teacher_forced_nll") not in value
+    assert ("random", "testbed_color_mc", "teacher_forced_nll") not in value  # multiple choice: no answer text
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows if r["metric"] == "accuracy")
     assert all(r["value"] == "2" for r in rows if r["metric"] == "n_samples")
     assert all(float(r["value"]) > 0 for r in rows if r["metric"] == "prefill_ms")
