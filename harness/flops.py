@@ -137,3 +137,13 @@ def tokens_per_layer(model, inputs, pruning=None) -> list[int]:
             for handle in handles:
                 handle.remove()
     return seen
+
+
+def equivalent_tokens(per_layer: list[int], input_ids, image_token_id: int, tokens_per_image: int) -> float:
+    """Visual tokens per image the decoder processes, averaged over its layers (one prompt):
+    (1/L) * sum_l (n_l - text tokens) / images. Pre-LLM methods: their budget; in-LLM methods that
+    keep k of N from layer K of L: (K*N + (L-K)*k) / L; unpruned: N."""
+    n_visual = int((input_ids == image_token_id).sum())
+    n_images = max(1, n_visual // tokens_per_image)
+    text = input_ids.shape[1] - n_visual
+    return sum(n - text for n in per_layer) / len(per_layer) / n_images

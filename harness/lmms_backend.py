@@ -252,6 +252,8 @@ class VTPLlava(lmms):
         per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
         counts.pop("prefill_sdpa")
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
+        counts["equivalent_tokens"] = flops.equivalent_tokens(per_layer, inputs["input_ids"], self.image_token_id,
+                                                             self._model.config.image_seq_length)
         return counts
 
     def timings(self, task: str, repeats: int = 5) -> dict:

@@ -55,3 +55,13 @@ def test_analytic_formula_by_hand():
                       vocab_size=10)
     # per layer, n = 3: projections 3*8*(2*2*4 + 2*1*4) = 576; attention 2*9*2*4 = 144; MLP 3*3*8*16 = 1152
     assert FL.prefill_analytic(cfg, [3]) == 576 + 144 + 1152 + 8 * 10
+
+
+def test_equivalent_tokens(tiny):
+    model, inputs = tiny
+    image = model.config.image_token_id
+    per = lambda scope=None: FL.tokens_per_layer(model, inputs, scope)  # noqa: E731
+    assert FL.equivalent_tokens(per(), inputs["input_ids"], image, 576) == 576
+    assert FL.equivalent_tokens(per(lambda: prune(model, "random", 64)), inputs["input_ids"], image, 576) == 64
+    fastv = per(lambda: prune(model, "fastv", 64, layer=1))  # K = 1 of L = 2
+    assert FL.equivalent_tokens(fastv, inputs["input_ids"], image, 576) == (1 * 576 + 1 * 64) / 2

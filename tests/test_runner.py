@@ -66,7 +66,7 @@ def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
 PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
           "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall",
           "delta_ipr",
-          "flops_vision", "flops_prefill", "flops_decode_per_token", "flops_prefill_analytic",
+          "flops_vision", "flops_prefill", "flops_decode_per_token", "flops_prefill_analytic", "equivalent_tokens",
           "vision_ms", "selection_ms", "prefill_ms", "decode_ms_per_token", "peak_memory_mb"}
 
 
