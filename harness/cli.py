@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# The default protocol (`harness run` with no flags): the testbed group, this many test documents per
+# task, budgets 192/128/64 (harness.runner.DEFAULT_BUDGETS), timing repeats 5.
+DEFAULT_LIMIT = 30
+
 
 def _testbed_train(args) -> int:
     from .testbed import train as T
@@ -44,7 +48,10 @@ def _bench(args) -> int:
 
 
 def _limit(text: str):
-    """An int (docs per task) or a float below 1 (a fraction of each task), as lmms-eval takes it."""
+    """An int (docs per task), a float below 1 (a fraction of each task), as lmms-eval takes it, or
+    `all` (None: every document)."""
+    if text.strip().lower() == "all":
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -84,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LLaVA checkpoint folder (default: the shipped testbed model, harness/testbed/checkpoint)")
     run.add_argument("--model-name", dest="model_name", default=None,
                      help="label in summary.csv (default: testbed, or the folder name)")
-    run.add_argument("--limit", type=_limit, default=None, help="docs per task (or a fraction below 1)")
+    run.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT,
+                     help=f"docs per task, a fraction below 1, or all (default {DEFAULT_LIMIT}: the default protocol)")
     run.add_argument("--output", default=None, help="output folder (default: runs/<timestamp>)")
     run.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     run.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")

@@ -195,3 +195,9 @@ def test_a_rerun_skips_finished_cells_and_an_interrupted_sweep_resumes(tiny_llav
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 3 and " ..." not in again.stdout
     assert (out / "summary.csv").read_text() == summary
     assert time.perf_counter() - started < 120
+
+
+def test_limit_argument():
+    assert cli._limit("all") is None and cli._limit("25") == 25 and cli._limit("0.5") == 0.5
+    args = cli.build_parser().parse_args(["run"])
+    assert args.limit == cli.DEFAULT_LIMIT  # the default protocol's documents per task
