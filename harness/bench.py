@@ -56,6 +56,8 @@ def _prompt(processor):
 
 
 def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None):
+    import methods as registry
+
     from . import flops
     from .adapters import prune
     from .timing import time_cell
@@ -67,8 +69,6 @@ def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5
     base_ops = base_flops["flops_vision"] + base_flops["flops_prefill"]
     rows = []
     for method in method_names:
-        import methods as registry
-
         if not registry.get(method, **params.get(method, {})).uses_budget:
             continue
         for budget in budgets:

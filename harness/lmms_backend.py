@@ -187,29 +187,23 @@ class VTPLlava(lmms):
     def _measuring(self):
         return self._pruning_applied(record_ipr=False)
 
-    def _delta_ipr_per_row(self, run, input_ids) -> list[float | None]:
-        """Mean ΔIPR of each row's images (0 for the unpruned model, which keeps every token)."""
+    def _per_row(self, run, input_ids) -> tuple[list[list[list[int]]], list[float | None]]:
+        """Per row (images fill rows in order): its images' kept indices, and their mean ΔIPR
+        (everything kept and ΔIPR 0 for the unpruned model)."""
         per_image = self._model.config.image_seq_length
         counts = [n // per_image for n in self._visual_counts(input_ids)]
-        values = [r.extra.get("delta_ipr") for r in run.images] if run is not None else [0.0] * sum(counts)
-        out, start = [], 0
+        if run is None:
+            images = [(list(range(per_image)), 0.0)] * sum(counts)
+        else:
+            images = [(r.kept.tolist(), r.extra.get("delta_ipr")) for r in run.images]
+        kept, delta_ipr, start = [], [], 0
         for n in counts:
-            row = [v for v in values[start:start + n] if v is not None]
-            out.append(sum(row) / len(row) if row else None)
+            row = images[start:start + n]
+            kept.append([k for k, _ in row])
+            values = [v for _, v in row if v is not None]
+            delta_ipr.append(sum(values) / len(values) if values else None)
             start += n
-        return out
-
-    def _kept_per_row(self, run, input_ids) -> list[list[list[int]]]:
-        """Kept indices of each row's images (images fill rows in order)."""
-        per_image = self._model.config.image_seq_length
-        counts = [n // per_image for n in self._visual_counts(input_ids)]
-        kept = [r.kept.tolist() for r in run.images] if run is not None else \
-            [list(range(per_image))] * sum(counts)
-        rows, start = [], 0
-        for n in counts:
-            rows.append(kept[start:start + n])
-            start += n
-        return rows
+        return kept, delta_ipr
 
     # ------------------------------------------------------------------ lmms interface
 
@@ -396,8 +390,7 @@ class VTPLlava(lmms):
                                        return_dict_in_generate=True, output_logits=True)
         sequences = out.sequences[:, n_in:].tolist()
         first_logits = out.logits[0] if out.logits else None
-        kept = self._kept_per_row(run, inputs["input_ids"])
-        delta_ipr = self._delta_ipr_per_row(run, inputs["input_ids"])
+        kept, delta_ipr = self._per_row(run, inputs["input_ids"])
         reference = [self.reference_answers.get(self._key(r)) for r in reqs]
         teacher_nll = [None] * len(reqs)
         if any(ref for ref in reference):
@@ -492,8 +485,9 @@ class VTPLlava(lmms):
             logits = self._model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                  **model_inputs).logits
             columns = run.columns() if run is not None else None  # original column of each output position
+        kept, delta_ipr = self._per_row(run, input_ids)
         info = {"prompt_lengths": prompt_lengths, "visual_in": self._visual_counts(input_ids),
-                "kept": self._kept_per_row(run, input_ids), "delta_ipr": self._delta_ipr_per_row(run, input_ids)}
+                "kept": kept, "delta_ipr": delta_ipr}
         scored = []
         for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
             if not c:

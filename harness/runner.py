@@ -202,9 +202,8 @@ def _records_by_doc(records: dict) -> dict[tuple, list[dict]]:
     return {key: [recs[i] for i in sorted(recs)] for key, recs in by_doc.items()}
 
 
-def sample_views(res: dict, records: dict) -> dict[str, dict]:
-    """Per task, {doc_id: SampleView}: what the paired metrics compare."""
-    by_doc = _records_by_doc(records)
+def sample_views(res: dict, by_doc: dict) -> dict[str, dict]:
+    """Per task, {doc_id: SampleView}: what the paired metrics compare (`by_doc`: `_records_by_doc`)."""
     return {task: {s["doc_id"]: sample_view(s, by_doc.get((task, s["doc_id"]), [])) for s in samples}
             for task, samples in (res.get("samples") or {}).items()}
 
@@ -219,11 +218,11 @@ def paired_rows(reference: dict, views: dict, model: str, method: str, budget) -
     return rows
 
 
-def write_samples(out_dir: Path, res: dict, records: dict, method: str, budget) -> list[Path]:
-    """``samples/<method>_<budget>_<task>.jsonl`` per task, sorted by doc_id, with the backend's records."""
+def write_samples(out_dir: Path, res: dict, by_doc: dict, method: str, budget) -> list[Path]:
+    """``samples/<method>_<budget>_<task>.jsonl`` per task, sorted by doc_id, with the backend's records
+    (`by_doc`: `_records_by_doc`)."""
     sample_dir = out_dir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    by_doc = _records_by_doc(records)
     paths = []
     for task, samples in (res.get("samples") or {}).items():
         path = sample_dir / f"{method}_{budget_label(budget)}_{task}.jsonl"
@@ -282,6 +281,11 @@ def _quiet_progress_bars() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - cosmetic
         pass
+
+
+def _reference_answers(records: dict) -> dict[tuple, list[int]]:
+    """The unpruned cell's generated ids per request: what teacher-forced NLL scores later cells on."""
+    return {key: r["generated_ids"] for key, r in records.items() if "generated_ids" in r}
 
 
 def _task_data_version() -> str:
@@ -362,8 +366,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
             if method == "none":
                 reference = {task: {doc: SampleView(**v) for doc, v in docs.items()}
                              for task, docs in store.sample_views(key).items()}
-                lm.reference_answers = {k: r["generated_ids"] for k, r in store.records(key).items()
-                                        if "generated_ids" in r}
+                lm.reference_answers = _reference_answers(store.records(key))
             write_summary(out_dir / "summary.csv", rows)
             say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget)}: finished earlier (cell {key})")
             continue
@@ -379,10 +382,11 @@ def run(config: RunConfig, out=None) -> list[dict]:
                 raise inner from e
             raise
         records = lm.pop_records()
-        views = sample_views(res, records)
+        by_doc = _records_by_doc(records)
+        views = sample_views(res, by_doc)
         if method == "none":
             reference = views
-            lm.reference_answers = {k: r["generated_ids"] for k, r in records.items() if "generated_ids" in r}
+            lm.reference_answers = _reference_answers(records)
         cell_rows = summary_rows(res, label, method, budget) + paired_rows(reference, views, label, method, budget)
         timing_spread = {}
         for task in views:
@@ -394,12 +398,11 @@ def run(config: RunConfig, out=None) -> list[dict]:
             cell_rows += [dict(model=label, method=method, budget=budget_label(budget), task=task, metric=metric,
                                value=float(value)) for metric, value in measured.items()]
         rows += cell_rows
-        by_doc = _records_by_doc(records)
         store.save_cell(key, run_id, determined_by, cell_rows,
                         [(task, doc, asdict(view), by_doc.get((task, doc), []))
                          for task, docs in views.items() for doc, view in docs.items()],
                         details={"timing": timing_spread})
-        write_samples(out_dir, res, records, method, budget)
+        write_samples(out_dir, res, by_doc, method, budget)
         results_dir = out_dir / "results"
         results_dir.mkdir(exist_ok=True)
         (results_dir / f"{method}_{budget_label(budget)}.json").write_text(

@@ -28,22 +28,24 @@ class VisualContext:
     from the ViT's feature layer only when a method asks for them.
     """
 
-    features: torch.Tensor  # (N, D) the tokens as the LLM receives them (projector outputs), raster order
+    # (N, D) raster order: pre-LLM, the projector outputs; in-LLM, the hidden states entering layer K-1
+    features: torch.Tensor
     grid: tuple[int, int]  # (h, w) with h * w == N
-    seed: int = 0  # per image: a hash of its pixels, so a sample's draw does not depend on its batch
+    # () -> the image's seed (a hash of its pixels, so a sample's draw does not depend on its batch);
+    # a callable so that only methods that draw random numbers pay for hashing the pixels.
+    image_seed: Callable[[], int] = lambda: 0
     vision_features: Optional[torch.Tensor] = None  # (N, Dv) ViT feature-layer states, [CLS] dropped
     project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the model's projector
     cls_attention: Optional[Callable[[], torch.Tensor]] = None  # () -> (N,) [CLS]->patch, summed over heads
-    vision_keys: Optional[Callable[[], torch.Tensor]] = None  # () -> (N, Dk) feature-layer keys, heads concatenated
+    vision_keys: Optional[Callable[[], torch.Tensor]] = None  # () -> (N, Dk) feature-layer keys, heads averaged
     attention_row: Optional[torch.Tensor] = None  # in-LLM: (N,) last token's attention at layer K-1, head mean
-    layer_states: Optional[torch.Tensor] = None  # in-LLM: (N, d) hidden states entering layer K
 
     @property
     def num_tokens(self) -> int:
         return self.features.shape[0]
 
     def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed((int(seed) * 1_000_003 + self.seed) % (2 ** 63))
+        return torch.Generator().manual_seed((int(seed) * 1_000_003 + self.image_seed()) % (2 ** 63))
 
 
 @dataclass

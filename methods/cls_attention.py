@@ -38,7 +38,6 @@ class ClsAttention(Method):
         return ctx.cls_attention()
 
     def select(self, ctx: VisualContext, k: int) -> Selection:
-        n = ctx.num_tokens
         contextual = min(round(k * self.contextual_share), k - 1) if k > 1 else 0
         dominant = k - contextual
         order = torch.sort(self.score(ctx).float(), descending=True, stable=True).indices
@@ -50,9 +49,10 @@ class ClsAttention(Method):
             raise ValueError("cls_attention's contextual tokens need the ViT features, keys and projector")
         step = len(rest) / contextual
         targets = rest[(torch.arange(contextual) * step).long()]
+        at_targets = torch.searchsorted(rest, targets)  # where the targets sit in `rest`
         keys = F.normalize(ctx.vision_keys()[rest].float(), dim=-1)
-        group = (keys @ keys[torch.searchsorted(rest, targets)].T).argmax(dim=1)  # (len(rest),)
-        group[torch.searchsorted(rest, targets)] = torch.arange(contextual)  # a target is its own group
+        group = (keys @ keys[at_targets].T).argmax(dim=1)  # (len(rest),)
+        group[at_targets] = torch.arange(contextual)  # a target is its own group
         vis = ctx.vision_features[rest].float()
         merged = torch.zeros(contextual, vis.shape[1]).index_add_(0, group, vis)
         sizes = torch.bincount(group, minlength=contextual)

@@ -30,8 +30,8 @@ def greedy_max_min(features: torch.Tensor, k: int) -> torch.Tensor:
     for _ in range(k - 1):
         nxt = int(to_set.argmax())
         picked.append(nxt)
-        to_set = torch.minimum(to_set, dist[nxt])
-        to_set[picked] = -1
+        to_set = torch.minimum(to_set, dist[nxt])  # picked tokens stay at -1: distances are >= 0
+        to_set[nxt] = -1
     return torch.tensor(picked, dtype=torch.long)
 
 

@@ -123,7 +123,7 @@ def _context(n=N, d=16, seed=0):
     feats = torch.randn(n, d, generator=g)
     vision = torch.randn(n, 8, generator=g)
     proj = torch.nn.Linear(8, d)
-    return VisualContext(features=feats, grid=(24, 24), seed=seed, vision_features=vision, project=proj,
+    return VisualContext(features=feats, grid=(24, 24), image_seed=lambda: seed, vision_features=vision, project=proj,
                          cls_attention=lambda: torch.rand(n, generator=torch.Generator().manual_seed(1)),
                          vision_keys=lambda: vision, attention_row=torch.rand(n, generator=g))
 

@@ -180,7 +180,7 @@ class PruningRun:
 
         return VisualContext(
             features=features, grid=(side, n // side) if side * side == n else (1, n),
-            seed=_image_seed(self._pixels[i]), vision_features=vision,
+            image_seed=lambda: _image_seed(self._pixels[i]), vision_features=vision,
             project=self.model.model.multi_modal_projector.forward,  # .forward: not through our hook
             cls_attention=lambda: parts()["cls"], vision_keys=lambda: parts()["keys"],
             attention_row=attention_row)

@@ -168,7 +168,8 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids) -> di
     length = input_ids.shape[1]
     for row, sample in enumerate(samples):
         answer_starts = ((labels[row, 1:] != -100) & (labels[row, :-1] == -100)).nonzero().flatten().tolist()
-        question_starts = [0] + [t + 1 for t in range(length - 1) if labels[row, t] != -100 and labels[row, t + 1] == -100]
+        answer_ends = ((labels[row, :-1] != -100) & (labels[row, 1:] == -100)).nonzero().flatten()
+        question_starts = [0] + (answer_ends + 1).tolist()
         image_positions = (input_ids[row] == image_token_id).nonzero().flatten()
         evidence = sample["evidence_turns"]
         if len(answer_starts) != len(evidence):
@@ -405,9 +406,9 @@ def readout_loss(model, hidden_states, batch, evidence, layer: int, answer_ids: 
     lm = model.model.language_model
     attn = lm.layers[layer].self_attn
     probs = answer_attention(model, hidden_states, batch, rows, positions, layer).exp()  # (n, 2, T)
-    h = lm.layers[layer].input_layernorm(hidden_states[layer][rows])
-    v = attn.v_proj(h).view(len(rows), h.shape[1], -1, attn.head_dim)[:, :, 0]  # kv head 0: (n, T, D)
-    heads = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v).flatten(1)  # (n, 2D)
+    h = lm.layers[layer].input_layernorm(hidden_states[layer])  # (B, T, d): each row once, not per query
+    v = attn.v_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, 0]  # kv head 0: (B, T, D)
+    heads = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v[rows]).flatten(1)  # (n, 2D)
     out = heads @ attn.o_proj.weight[:, :heads.shape[1]].T
     logits = model.lm_head(lm.norm(out))
     return F.cross_entropy(logits.float(), answers)
