@@ -6,8 +6,8 @@ halves it.
 
 Counted (`count_forward`): fvcore traces the real forward under the method's hooks, with a handle for
 `aten::scaled_dot_product_attention` (which fvcore skips): B * H * Lq * Lk * (d_qk + d_v). Vision is
-the ViT and the projector (the ViT's last layer, which LLaVA computes but never reads, is dropped
-by the trace and not counted); prefill is the language model and the LM head on the last position (what
+the ViT and the projector (every ViT layer that runs, the last one included although LLaVA reads the
+penultimate: time is spent on it); prefill is the language model and the LM head on the last position (what
 `generate` computes); decode per token is a second step over the cache, minus the first.
 
 Analytic (`prefill_analytic`), per decoder layer with n tokens entering it, hidden d, FFN width m,
@@ -63,15 +63,22 @@ class _Forward(torch.nn.Module):
         self.model, self.decode = model, decode
 
     def forward(self, input_ids, pixel_values, attention_mask):
-        out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                         use_cache=self.decode, logits_to_keep=1)
+        # The ViT's last layer runs although LLaVA reads an earlier one: returning its output keeps
+        # the trace from dropping it as dead code, so vision counts what is executed.
+        tower_out = []
+        handle = self.model.model.vision_tower.register_forward_hook(lambda m, a, o: tower_out.append(o[0]))
+        try:
+            out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                             use_cache=self.decode, logits_to_keep=1)
+        finally:
+            handle.remove()
         if not self.decode:
-            return out.logits
+            return out.logits, *tower_out
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
         step = self.model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values,
                           use_cache=True, logits_to_keep=1)
-        return step.logits
+        return step.logits, *tower_out
 
 
 def _fvcore(model, inputs, decode: bool):
@@ -96,22 +103,34 @@ def count_forward(model, inputs, pruning=None) -> dict[str, int]:
     scope = pruning or contextlib.nullcontext
     with torch.no_grad(), scope():
         one, operators = _fvcore(model, inputs, decode=False)
-    lm_operators = operators.get("model.model.language_model", {})
+    # What torch's counter also counts: fvcore's total less SDPA (torch counts no CPU SDPA kernel) and
+    # the norms fvcore counts (torch counts none).
+    matmuls = {name: sum(v for op, v in operators.get(f"model.{name}", {}).items()
+                         if op not in ("scaled_dot_product_attention", "layer_norm"))
+               for name in ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")}
     with torch.no_grad(), scope():
         two, _ = _fvcore(model, inputs, decode=True)
     vision = one["model.model.vision_tower"] + one["model.model.multi_modal_projector"]
     prefill = one["model.model.language_model"] + one["model.lm_head"]
     decode = two["model.model.language_model"] + two["model.lm_head"] - prefill
     return {"flops_vision": int(vision), "flops_prefill": int(prefill), "flops_decode_per_token": int(decode),
-            # for the cross-check: torch's counter does not count SDPA on CPU
-            "prefill_sdpa": int(lm_operators.get("scaled_dot_product_attention", 0))}
+            "torch_comparable": {"vision": matmuls["model.vision_tower"] + matmuls["model.multi_modal_projector"],
+                                 "prefill": matmuls["model.language_model"] + matmuls["lm_head"]}}
+
+
+def count_vision_torch(model, inputs) -> int:
+    """Cross-check of the vision count: `torch.utils.flop_counter` over the ViT (every layer it
+    runs) and the projector, in MACs: compare with `count_forward(...)["torch_comparable"]["vision"]`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    return int(counter.get_total_flops()) // 2
 
 
 def count_prefill_torch(model, inputs, pruning=None) -> int:
     """Cross-check of the prefill count: `torch.utils.flop_counter` over the language model and the
-    LM head, in MACs. It counts no CPU SDPA kernel: compare with fvcore's prefill minus its
-    `prefill_sdpa`. (Vision is not compared: fvcore's trace drops the ViT's last layer, whose output
-    LLaVA never reads, while torch counts every op executed.)"""
+    LM head, in MACs: compare with `count_forward(...)["torch_comparable"]["prefill"]`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     scope = pruning or contextlib.nullcontext

@@ -244,7 +244,7 @@ class VTPLlava(lmms):
         inputs = self._encode([prompt], [images])
         counts = flops.count_forward(self._model, inputs, self._measuring)
         per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
-        counts.pop("prefill_sdpa")
+        counts.pop("torch_comparable")
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
         counts["equivalent_tokens"] = flops.equivalent_tokens(per_layer, inputs["input_ids"], self.image_token_id,
                                                              self._model.config.image_seq_length)

@@ -7,8 +7,8 @@ times and reported as the median, with the spread (min, max, interquartile range
   selection_ms          time inside the method's `select()` during one prefill
   prefill_ms            time to first token: vision, selection and the LLM prefill (one forward, cache on)
   decode_ms_per_token   (generate k + 1 tokens - generate 1 token) / k, min_new_tokens forcing the length
-  peak_memory_mb        CUDA only: peak allocated during one generate (NaN on CPU, where torch has no
-                        allocator statistics)
+  peak_memory_mb        peak memory one generate allocates above the model and inputs
+                        (see `peak_memory_mb`: CUDA allocator statistics, CPU profiler memory events)
 
 On CUDA every timed region is synchronised. Device and attention backend are returned with the figures.
 """
@@ -46,6 +46,52 @@ def spread(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def paired_prefill_ms(model, inputs, pruning, repeats: int = 5, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Prefill times without and with `pruning`, alternating run by run so that drift in the
+    machine's speed reaches both sides of the ratio alike."""
+    device = next(model.parameters()).device
+
+    def prefill(scope):
+        with scope():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+
+    plain, pruned = [], []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for scope, out in ((contextlib.nullcontext, plain), (pruning, pruned)):
+                _sync(device)
+                started = time.perf_counter()
+                prefill(scope)
+                _sync(device)
+                if i >= warmup:
+                    out.append((time.perf_counter() - started) * 1000)
+    return plain, pruned
+
+
+def peak_memory_mb(fn, device) -> float:
+    """Peak memory `fn` allocates above what is allocated when it starts (model and inputs excluded).
+
+    CUDA: the allocator's peak statistic. CPU, which has no allocator statistics: the running sum of
+    torch.profiler's memory events (each op's net allocation at its start, each free outside an op),
+    so a buffer an op allocates and frees inside one kernel is not seen."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
 def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, decode_tokens: int = 4) -> dict:
     """Timings of `model` on `inputs` under `pruning` (a context-manager factory, or None)."""
     if repeats < 1:
@@ -70,11 +116,7 @@ def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, de
         prefill_ms = _timed(prefill, device, repeats, warmup)
         one = _timed(lambda: generate(1), device, repeats, warmup)
         more = _timed(lambda: generate(1 + decode_tokens), device, repeats, warmup)
-        peak = float("nan")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            generate(1 + decode_tokens)
-            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        peak = peak_memory_mb(lambda: generate(1 + decode_tokens), device)
     decode = [(b - a) / decode_tokens for a, b in zip(one, more)]
     figures = {"vision_ms": spread(vision), "selection_ms": spread(selection[warmup:]), "prefill_ms": spread(prefill_ms),
                "decode_ms_per_token": spread(decode)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,19 +21,24 @@ from .base import Method, Selection, VisualContext
 def greedy_max_min(features: torch.Tensor, k: int) -> torch.Tensor:
     """Indices in the order the greedy max-min rule picks them (the first k)."""
     x = F.normalize(features.float(), dim=-1)
-    dist = 1 - x @ x.T
+    dist = (x @ x.T).cpu().numpy()
+    np.subtract(1, dist, out=dist)  # in place: the N x N product is most of the cost already
     n = dist.shape[0]
-    off_diagonal = dist + torch.eye(n) * torch.finfo(dist.dtype).max
-    first = int(off_diagonal.min(dim=1).values.argmax())
-    picked = [first]
-    to_set = dist[first].clone()  # each token's distance to its nearest selected token
+    # The diagonal is never read again (a picked token's own entry is overwritten below).
+    np.fill_diagonal(dist, np.inf)
+    first = int(dist.min(axis=1).argmax())  # the token farthest from its nearest other token
+    # The loop is k small steps over N values: numpy's per-call cost is a fraction of torch's, and
+    # argmax takes the first maximum in both, so the picks are the same.
+    picked = np.empty(k, dtype=np.int64)
+    picked[0] = first
+    to_set = dist[first].copy()  # each token's distance to its nearest selected token
     to_set[first] = -1
-    for _ in range(k - 1):
-        nxt = int(to_set.argmax())
-        picked.append(nxt)
-        to_set = torch.minimum(to_set, dist[nxt])  # picked tokens stay at -1: distances are >= 0
+    for step in range(1, min(k, n)):
+        nxt = to_set.argmax()
+        picked[step] = nxt
+        np.minimum(to_set, dist[nxt], out=to_set)  # picked tokens stay at -1: distances are >= 0
         to_set[nxt] = -1
-    return torch.tensor(picked, dtype=torch.long)
+    return torch.from_numpy(picked[:min(k, n)]).to(features.device)
 
 
 @register("divprune")

@@ -30,8 +30,19 @@ def test_counted_prefill_agrees_with_the_formula_and_torch(tiny, method, params)
     per_layer = FL.tokens_per_layer(model, inputs, scope)
     analytic = FL.prefill_analytic(model.config.text_config, per_layer)
     assert abs(counts["flops_prefill"] / analytic - 1) < 0.02
-    assert counts["flops_prefill"] - counts["prefill_sdpa"] == FL.count_prefill_torch(model, inputs, scope)
+    assert counts["torch_comparable"]["prefill"] == FL.count_prefill_torch(model, inputs, scope)
     assert counts["flops_decode_per_token"] > 0
+
+
+def test_vision_count_includes_every_vit_layer_that_runs(tiny):
+    """LLaVA reads the penultimate ViT layer but HF runs them all: the count is what runs."""
+    model, inputs = tiny
+    counts = FL.count_forward(model, inputs)
+    assert counts["torch_comparable"]["vision"] == FL.count_vision_torch(model, inputs)
+    layer = model.config.vision_config
+    n, d, m = (layer.image_size // layer.patch_size) ** 2 + 1, layer.hidden_size, layer.intermediate_size
+    one_layer = n * (4 * d * d + 2 * d * m)  # projections and MLP of one ViT layer, without attention
+    assert counts["torch_comparable"]["vision"] > layer.num_hidden_layers * one_layer
 
 
 def test_pruning_changes_the_counts_where_it_acts(tiny):

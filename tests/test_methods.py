@@ -147,6 +147,8 @@ def test_divprune_is_greedy_max_min():
     order = greedy_max_min(ctx.features, 10)
     x = torch.nn.functional.normalize(ctx.features, dim=-1)
     dist = 1 - x @ x.T
+    nearest_other = (dist + torch.eye(50) * 9).min(dim=1).values
+    assert int(order[0]) == int(nearest_other.argmax())
     for step in range(1, 10):
         chosen = order[:step]
         to_set = dist[:, chosen].min(dim=1).values
