@@ -1,4 +1,4 @@
-"""`harness` command line: run evaluations, build and train the testbed."""
+"""`harness` command line: run evaluations, benchmark, build codebooks, train the testbed."""
 
 from __future__ import annotations
 
@@ -44,6 +44,31 @@ def _bench(args) -> int:
         print(f"harness bench: {e}", file=sys.stderr)
         return 2
     run_bench(names, Path(args.output), repeats=args.repeats, budgets=tuple(budgets), models=models)
+    return 0
+
+
+def _codebook_build(args) -> int:
+    from pathlib import Path
+
+    from .codebook.build import BuildConfig, build
+    from .codebook.probes import ProbeConfig
+    from .runner import RunError, resolve_model
+
+    try:
+        model = resolve_model(args.model)
+        if args.images < 1:
+            raise RunError(f"--images must be at least 1, got {args.images}")
+    except RunError as e:
+        print(f"harness codebook build: error: {e}", file=sys.stderr)
+        return 2
+    probe = ProbeConfig(**({"prompt": args.prompt} if args.prompt else {}))
+    cfg = BuildConfig(images=args.images, jsd_threshold=args.jsd_threshold, pmax_threshold=args.pmax_threshold,
+                      min_images=args.min_images, probe=probe)
+    try:
+        build(str(model), Path(args.output), cfg, cache=args.cache)
+    except ValueError as e:
+        print(f"harness codebook build: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -110,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", default="testbed,scaled-llava-1.5", help="testbed and/or scaled-llava-1.5")
     bench.add_argument("--output", default="runs/bench", help="folder for bench.csv and bench.png")
     bench.set_defaults(func=_bench)
+
+    codebook = sub.add_parser("codebook", help="the language-feedback redundancy codebook").add_subparsers(
+        dest="codebook_command", required=True)
+    cb_build = codebook.add_parser("build", help="probe images and mine a codebook of redundant prototypes")
+    cb_build.add_argument("--model", default=None, help="LLaVA checkpoint folder (default: the testbed model)")
+    cb_build.add_argument("--images", type=int, default=500, help="training images to probe (default 500)")
+    cb_build.add_argument("--output", default="harness/testbed/codebook/codebook.pt", help="codebook file (.pt)")
+    cb_build.add_argument("--cache", default=None, help="probe cache folder (default: runs/codebook-probes/<hash>)")
+    cb_build.add_argument("--prompt", default=None, help="probe prompt (default: the release's one-word request)")
+    cb_build.add_argument("--jsd-threshold", dest="jsd_threshold", type=float, default=None,
+                          help="label threshold on JSD_local + 16 JSD_global (default: derived, see build.py)")
+    cb_build.add_argument("--pmax-threshold", dest="pmax_threshold", type=float, default=None,
+                          help="label threshold on p_max (default: derived)")
+    cb_build.add_argument("--min-images", dest="min_images", type=int, default=64,
+                          help="stage two keeps clusters with members from more than this many images")
+    cb_build.set_defaults(func=_codebook_build)
 
     testbed = sub.add_parser("testbed", help="the synthetic world and its model").add_subparsers(
         dest="testbed_command", required=True)

@@ -165,7 +165,9 @@ class VTPLlava(lmms):
 
     @property
     def _budget_label(self) -> str:
-        return "full" if self.budget is None else str(self.budget)
+        if self.budget is not None:
+            return str(self.budget)
+        return "adaptive" if getattr(self.method, "adaptive", False) else "full"
 
     def __str__(self) -> str:
         # Part of the response-cache key (``f"{model}|{model_args}"``): it must name everything

@@ -40,6 +40,7 @@ DEFAULT_MODEL = _testbed_model.CHECKPOINT
 DEFAULT_TASKS = ("testbed",)
 SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")
 NO_BUDGET = "full"  # the budget label of methods that keep every token
+ADAPTIVE = "adaptive"  # ... and of methods that decide per image (thresholds)
 
 
 class RunError(Exception):
@@ -144,8 +145,17 @@ def model_label(path: Path, name: str | None) -> str:
     return "testbed" if path.resolve() == DEFAULT_MODEL.resolve() else path.name
 
 
-def budget_label(budget) -> str:
-    return NO_BUDGET if budget is None else str(budget)
+def budget_label(budget, method: str | None = None) -> str:
+    """The budget column: the number kept, `full` for the unpruned reference, `adaptive` for methods
+    that decide per image how many to keep."""
+    if budget is not None:
+        return str(budget)
+    if method is not None:
+        import methods
+
+        if getattr(type(methods.get(method)), "adaptive", False):
+            return ADAPTIVE
+    return NO_BUDGET
 
 
 # ----------------------------------------------------------------------------- results
@@ -166,11 +176,11 @@ def summary_rows(res: dict, model: str, method: str, budget) -> list[dict]:
             if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             name = metric if filt == "none" else key
-            rows.append(dict(model=model, method=method, budget=budget_label(budget), task=task, metric=name,
+            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task, metric=name,
                              value=float(value)))
         n = (res.get("n-samples") or {}).get(task, {}).get("effective")
         if n is not None:
-            rows.append(dict(model=model, method=method, budget=budget_label(budget), task=task,
+            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task,
                              metric="n_samples", value=int(n)))
     return rows
 
@@ -213,7 +223,7 @@ def paired_rows(reference: dict, views: dict, model: str, method: str, budget) -
     rows = []
     for task, task_views in views.items():
         for metric, value in paired_metrics(reference.get(task, {}), task_views).items():
-            rows.append(dict(model=model, method=method, budget=budget_label(budget), task=task, metric=metric,
+            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task, metric=metric,
                              value=float(value)))
     return rows
 
@@ -225,11 +235,11 @@ def write_samples(out_dir: Path, res: dict, by_doc: dict, method: str, budget) -
     sample_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for task, samples in (res.get("samples") or {}).items():
-        path = sample_dir / f"{method}_{budget_label(budget)}_{task}.jsonl"
+        path = sample_dir / f"{method}_{budget_label(budget, method)}_{task}.jsonl"
         with path.open("w") as f:
             for s in sorted(samples, key=lambda s: s["doc_id"]):
                 line = {k: v for k, v in s.items() if k not in ("arguments", "doc_hash")}
-                line = {"task": task, "method": method, "budget": budget_label(budget), **line}
+                line = {"task": task, "method": method, "budget": budget_label(budget, method), **line}
                 line["input"] = s["arguments"][0] if s.get("arguments") else None
                 line["records"] = by_doc.get((task, s["doc_id"]), [])
                 f.write(json.dumps(_jsonable(line)) + "\n")
@@ -368,9 +378,9 @@ def run(config: RunConfig, out=None) -> list[dict]:
                              for task, docs in store.sample_views(key).items()}
                 lm.reference_answers = _reference_answers(store.records(key))
             write_summary(out_dir / "summary.csv", rows)
-            say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget)}: finished earlier (cell {key})")
+            say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)}: finished earlier (cell {key})")
             continue
-        say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget)} ...")
+        say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)} ...")
         t0 = time.perf_counter()
         try:
             res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
@@ -395,7 +405,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
                 timed = lm.timings(task, config.timing_repeats)
                 measured.update(timed["medians"])
                 timing_spread[task] = timed
-            cell_rows += [dict(model=label, method=method, budget=budget_label(budget), task=task, metric=metric,
+            cell_rows += [dict(model=label, method=method, budget=budget_label(budget, method), task=task, metric=metric,
                                value=float(value)) for metric, value in measured.items()]
         rows += cell_rows
         store.save_cell(key, run_id, determined_by, cell_rows,
@@ -405,7 +415,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
         write_samples(out_dir, res, by_doc, method, budget)
         results_dir = out_dir / "results"
         results_dir.mkdir(exist_ok=True)
-        (results_dir / f"{method}_{budget_label(budget)}.json").write_text(
+        (results_dir / f"{method}_{budget_label(budget, method)}.json").write_text(
             json.dumps(_jsonable({k: v for k, v in res.items() if k != "samples"}), indent=1))
         write_summary(out_dir / "summary.csv", rows)  # after every cell: an interrupted sweep keeps its rows
         acc = [r for r in cell_rows if r["metric"] == "accuracy"]

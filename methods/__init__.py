@@ -7,7 +7,7 @@ it never touches a model's forward (that is the adapters' job, in ``harness/``).
 
     >>> import methods
     >>> methods.names()
-    ['none', 'random', 'uniform', 'fastv', 'cls_attention', 'divprune']
+    ['none', 'random', 'uniform', 'fastv', 'cls_attention', 'divprune', 'codebook', 'codebook_fixed']
     >>> methods.get("none")
     NoPruning()
 """
@@ -67,6 +67,7 @@ from .uniform import UniformPruning  # noqa: E402
 from .fastv import FastV  # noqa: E402
 from .cls_attention import ClsAttention  # noqa: E402
 from .divprune import DivPrune  # noqa: E402
+from .codebook import Codebook, CodebookFixed  # noqa: E402
 
 __all__ = ["register", "names", "get", "NoPruning", "RandomPruning", "UniformPruning", "FastV", "ClsAttention",
-           "DivPrune"]
+           "DivPrune", "Codebook", "CodebookFixed"]

@@ -73,6 +73,10 @@ class Method:
     def __post_init__(self):
         check_choice("position_policy", self.position_policy, POSITION_POLICIES)
 
+    def validate(self, model_config) -> None:
+        """Raise a clear ValueError if this method cannot run on a model with `model_config`
+        (called once when pruning starts, before any forward)."""
+
     def score(self, ctx: VisualContext) -> torch.Tensor:
         """(N,) scores, higher = keep."""
         raise NotImplementedError(f"{type(self).__name__} defines neither score() nor select()")

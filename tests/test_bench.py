@@ -6,15 +6,19 @@ import torch
 
 import methods
 from harness import bench
+from harness.codebook import files
 from harness.testbed import model as M
 
 
-def test_bench_rows_for_every_budgeted_method():
+def test_bench_rows_for_every_budgeted_method(tmp_path):
     torch.manual_seed(0)
     model, processor = M.build_model(M.TINY)
     names = methods.names()
+    path = tmp_path / "cb.pt"
+    files.save(path, torch.randn(10, model.config.text_config.hidden_size), ["s"] * 10, {})
     rows = bench.bench_model("tiny", model, processor, names, budgets=(64,), repeats=1,
-                             params={"fastv": {"layer": 1}})
+                             params={"fastv": {"layer": 1}, "codebook_fixed": {"path": str(path)},
+                                     "codebook": {"path": str(path)}})
     assert [r["method"] for r in rows] == [n for n in names if methods.get(n).uses_budget]
     for row in rows:
         assert row["speedup_predicted"] > 1  # 64 of 576 tokens: fewer operations, whatever the timer says

@@ -4,6 +4,8 @@ Runs on a tiny randomly initialised `LlavaForConditionalGeneration` of the testb
 visual tokens per image), through the public `prune(...)` context manager around `generate`.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ import methods
 from harness.adapters import prune
 from harness.adapters.llava import last_token_attention
 from harness.budget import check_budget, tokens_to_keep
+from harness.codebook.files import save as save_codebook
 from harness.testbed import model as M
 from harness.testbed import questions as Q
 from harness.testbed import world as W
@@ -22,10 +25,20 @@ N = W.GRID * W.GRID
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model, processor = M.build_model(M.TINY)
-    return model.eval(), processor
+    model.eval()
+    # Codebook methods need a codebook in this model's projector space: 20 of its own tokens.
+    path = tmp_path_factory.mktemp("codebook") / "codebook.pt"
+    with torch.no_grad():
+        tokens = model.model.get_image_features(pixel_values=_inputs(processor, SAMPLES[:1])["pixel_values"])
+    tokens = torch.cat(list(tokens.pooler_output))  # the projector outputs, per image
+    picked = tokens[torch.randperm(len(tokens))[:20]]
+    save_codebook(path, picked + 0.05 * picked.std() * torch.randn_like(picked), ["test"] * 20, {})
+    TINY_PARAMS["codebook"] = {"path": str(path), "tau": 0.9}
+    TINY_PARAMS["codebook_fixed"] = {"path": str(path)}
+    return model, processor
 
 
 def _inputs(processor, samples):
@@ -50,7 +63,10 @@ def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, name):
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:2])
     ref_tokens, ref_scores = _generate(model, inputs)
-    with prune(model, name, budget=N, **TINY_PARAMS.get(name, {})) as run:
+    params = dict(TINY_PARAMS.get(name, {}))
+    if methods.get(name, **params).adaptive:
+        params["tau"] = 1.0  # a threshold above every similarity keeps every token
+    with prune(model, name, budget=N, **params) as run:
         tokens, scores = _generate(model, inputs)
     assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
     assert [len(r.kept) for r in run.images] == [N, N]
@@ -129,12 +145,20 @@ def _context(n=N, d=16, seed=0):
 
 
 @pytest.mark.parametrize("name", methods.names())
-def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name):
-    method = methods.get(name)
+def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name, tmp_path):
     ctx = _context()
+    params = {}
+    if "path" in {f.name for f in dataclasses.fields(methods.get(name).__class__)}:
+        save_codebook(tmp_path / "cb.pt", ctx.features[:10] + 0.1 * torch.randn(10, 16), ["t"] * 10, {})
+        params["path"] = str(tmp_path / "cb.pt")
+    method = methods.get(name, **params)
     k = 64 if method.uses_budget else N
     kept = method.select(ctx, k).kept
-    assert len(kept) == k and torch.equal(kept, kept.unique())  # unique() sorts
+    assert torch.equal(kept, kept.unique())  # unique() sorts
+    if method.adaptive:  # it decides how many: some, not all, of these random tokens
+        assert 0 < len(kept) < N
+        return
+    assert len(kept) == k
     if type(method).select is Method.select:  # score-based: the top-k scores, exactly
         top = torch.topk(method.score(ctx), k).indices.sort().values
         assert torch.equal(kept, top)

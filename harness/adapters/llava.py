@@ -77,6 +77,7 @@ class PruningRun:
             if not isinstance(self.layer, int) or not 1 <= self.layer < n_layers:
                 raise ValueError(f"{type(method).__name__}: layer K must be in 1..{n_layers - 1} for this model, "
                                  f"got {self.layer!r}")
+        method.validate(model.config)
         self.images: list[ImageRecord] = []
         self.record_ipr = record_ipr  # off in timing and FLOPs passes: the SVD is measurement, not method
         self.selection_seconds = 0.0  # time spent in the method's select() (scores and choice)

@@ -1,0 +1,94 @@
+"""`codebook` and `codebook_fixed`: drop the visual tokens that resemble a redundant prototype
+(METHODS.md §1.4; "Beyond Intermediate States", arXiv 2503.20540; github.com/DingchenYang99/RedundancyCodebook).
+
+Redundancy of token l: s_l = max_n cos(x_l, c_n) over the codebook's prototypes c_n, on the
+projector outputs. Pre-LLM, text-agnostic, positions renumbered. Built by `harness codebook build`
+(harness/codebook/); the default is the testbed's codebook.
+
+- `codebook` (the official mode): keep every token with s_l < tau; how many is decided per image.
+  `tau=None` takes the tau recorded with the codebook's build, else the LLaVA-1.5 release's 0.45.
+  If no token is below tau, the least redundant one is kept (an image never vanishes).
+- `codebook_fixed` (the release's `fix_num`): keep the k tokens with the smallest s_l, sorted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import register
+from .base import Method, Selection, VisualContext, check_range
+
+RELEASE_TAU = 0.45  # LLaVA-1.5-7B
+_CACHE: dict = {}
+
+
+def prototypes(path: str) -> torch.Tensor:
+    """The L2-normalised prototypes of the codebook at `path` (loaded once per file version)."""
+    from harness.codebook import files
+
+    resolved = files.resolve(path)
+    stamp = (str(resolved), resolved.stat().st_mtime_ns if resolved.is_file() else None)
+    if stamp not in _CACHE:
+        _CACHE[stamp] = F.normalize(files.load(resolved), dim=-1)
+    return _CACHE[stamp]
+
+
+@dataclass
+class _CodebookBase(Method):
+    path: str = "harness/testbed/codebook/codebook.pt"
+
+    def validate(self, model_config) -> None:
+        from harness.codebook import files
+
+        files.check_hidden(prototypes(self.path), model_config.text_config.hidden_size, self.path)
+
+    def redundancy(self, ctx: VisualContext) -> torch.Tensor:
+        """(N,) s_l, the largest cosine similarity to a prototype."""
+        codes = prototypes(self.path)
+        if codes.shape[1] != ctx.features.shape[1]:
+            from harness.codebook import files
+
+            files.check_hidden(codes, ctx.features.shape[1], self.path)
+        x = F.normalize(ctx.features.float(), dim=-1)
+        return (x @ codes.to(x.device).T).max(dim=1).values
+
+    def score(self, ctx: VisualContext) -> torch.Tensor:
+        return -self.redundancy(ctx)
+
+
+@register("codebook")
+@dataclass
+class Codebook(_CodebookBase):
+    tau: Optional[float] = None
+
+    uses_budget: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tau is not None:
+            check_range("tau", self.tau, -1.0, 1.0)
+
+    def threshold(self) -> float:
+        if self.tau is not None:
+            return float(self.tau)
+        from harness.codebook import files
+
+        return float(files.build_record(self.path).get("tau", RELEASE_TAU))
+
+    def select(self, ctx: VisualContext, k: int) -> Selection:
+        s = self.redundancy(ctx)
+        kept = torch.nonzero(s < self.threshold()).flatten()
+        if len(kept) == 0:
+            kept = s.argmin().reshape(1)
+        return Selection(kept, extra={"kept": len(kept)})
+
+
+@register("codebook_fixed")
+@dataclass
+class CodebookFixed(_CodebookBase):
+    """The k least redundant tokens (the default top-k of -s_l), sorted."""
