@@ -72,6 +72,18 @@ def _codebook_build(args) -> int:
     return 0
 
 
+def _codebook_analyze(args) -> int:
+    from .codebook.analyze import analyze
+    from .codebook.files import CodebookError
+
+    try:
+        analyze(args.codebook, args.output, run_dir=args.run)
+    except (ValueError, CodebookError) as e:
+        print(f"harness codebook analyze: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _limit(text: str):
     """An int (docs per task), a float below 1 (a fraction of each task), as lmms-eval takes it, or
     `all` (None: every document)."""
@@ -151,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     cb_build.add_argument("--min-images", dest="min_images", type=int, default=64,
                           help="stage two keeps clusters with members from more than this many images")
     cb_build.set_defaults(func=_codebook_build)
+    cb_analyze = codebook.add_parser("analyze", help="language-feedback redundancy against [CLS] similarity "
+                                                     "and attention, on a codebook's probed tokens")
+    cb_analyze.add_argument("--codebook", default="harness/testbed/codebook/codebook.pt")
+    cb_analyze.add_argument("--output", default="runs/codebook-analysis")
+    cb_analyze.add_argument("--run", default=None, help="a `harness run` folder with the adaptive codebook: "
+                                                        "also plot the tokens it kept per image")
+    cb_analyze.set_defaults(func=_codebook_analyze)
 
     testbed = sub.add_parser("testbed", help="the synthetic world and its model").add_subparsers(
         dest="testbed_command", required=True)

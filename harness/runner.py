@@ -338,6 +338,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
     _quiet_progress_bars()
     from lmms_eval.evaluator import simple_evaluate
 
+    import methods as methods_registry
+
     from .lmms_backend import VTPLlava
     from .testbed.data import TASKS_DIR
 
@@ -361,6 +363,11 @@ def run(config: RunConfig, out=None) -> list[dict]:
     except ValueError as e:  # bad device/dtype/batch size
         raise RunError(str(e)) from None
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
+    for method in dict.fromkeys(m for m, _ in grid):  # a method that cannot run here stops the run now
+        try:
+            methods_registry.get(method, **lm.method_params).validate(lm._model.config)
+        except ValueError as e:
+            raise RunError(f"method {method!r} cannot run on {label}: {e}") from None
     run_id = store.start_run(_provenance(config, model_path, fingerprint, lm))
 
     rows: list[dict] = []

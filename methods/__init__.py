@@ -7,7 +7,8 @@ it never touches a model's forward (that is the adapters' job, in ``harness/``).
 
     >>> import methods
     >>> methods.names()
-    ['none', 'random', 'uniform', 'fastv', 'cls_attention', 'divprune', 'codebook', 'codebook_fixed']
+    ['none', 'random', 'uniform', 'fastv', 'cls_attention', 'divprune', 'codebook', 'codebook_fixed', 'gprune',
+     'lofi']
     >>> methods.get("none")
     NoPruning()
 """
@@ -68,6 +69,8 @@ from .fastv import FastV  # noqa: E402
 from .cls_attention import ClsAttention  # noqa: E402
 from .divprune import DivPrune  # noqa: E402
 from .codebook import Codebook, CodebookFixed  # noqa: E402
+from .gprune import GPrune  # noqa: E402
+from .lofi import LoFi  # noqa: E402
 
 __all__ = ["register", "names", "get", "NoPruning", "RandomPruning", "UniformPruning", "FastV", "ClsAttention",
-           "DivPrune", "Codebook", "CodebookFixed"]
+           "DivPrune", "Codebook", "CodebookFixed", "GPrune", "LoFi"]

@@ -1,5 +1,6 @@
 """The redundancy codebook: JSD forms, labels, DPC-KNN, the file format and the two methods."""
 
+import json
 import math
 
 import pytest
@@ -52,7 +53,7 @@ def test_labels_from_constructed_probe_results():
 def test_derived_thresholds_follow_the_quantile_rule():
     result = {"jsd_local": torch.linspace(0, 1, 101), "jsd_global": torch.zeros(101),
               "p_max": torch.linspace(0, 1, 101)}
-    limits = B.thresholds({"x": result}, B.BuildConfig())
+    limits = B.thresholds({"x": result}, B.BuildConfig(jsd_quantile=0.3))
     assert limits["jsd_threshold"] == pytest.approx(0.3) and limits["pmax_threshold"] == pytest.approx(0.5)
 
 
@@ -159,3 +160,44 @@ def test_build_round_trip_writes_the_release_format(tmp_path):
     assert raw.dtype == torch.float16 and raw.shape == (6, 16)
     assert torch.allclose(files.load(path), protos.half().float())
     assert files.build_record(path)["tau"] == 0.3
+
+
+def test_probes_match_a_direct_forward(tiny_llava_dir):
+    """The batched probe forward gives the logits a plain model forward gives for the same embeddings."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from harness.codebook.probes import Prober
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    prober = Prober(model, processor)
+    images = B.testbed_images(1)
+    pixels = processor.image_processor([images[0][1]()], return_tensors="pt")["pixel_values"]
+    x, _ = prober.visual_tokens(pixels)
+    with torch.no_grad():
+        ours = prober.first_token_logits(x[None])[0]
+        text = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": prober.config.prompt}]}], add_generation_prompt=True)
+        inputs = processor(images=[images[0][1]()], text=[text], return_tensors="pt")
+        direct = model(**inputs).logits[0, -1]
+    assert torch.allclose(ours, direct, atol=1e-4)
+
+
+def test_build_resume_and_analyze_end_to_end(tiny_llava_dir, tmp_path, monkeypatch):
+    from harness.codebook import probes
+    from harness.codebook.analyze import analyze
+
+    cfg = B.BuildConfig(images=6, image_clusters=4, image_max_size=40, cross_clusters=2, min_images=1,
+                        jsd_quantile=0.9, pmax_quantile=0.9)
+    record = B.build(str(tiny_llava_dir), tmp_path / "cb.pt", cfg, cache=tmp_path / "cache", say=lambda m: None)
+    protos = files.load(tmp_path / "cb.pt")
+    assert protos.shape[0] == record["statistics"]["prototypes"] > 0 and len(list((tmp_path / "cache").glob("*.pt"))) == 6
+    assert len(json.loads((tmp_path / "cb.json").read_text())) == protos.shape[0]
+    # A second build reads every probe from the cache: no image is probed again.
+    monkeypatch.setattr(probes.Prober, "probe", lambda *a, **k: pytest.fail("probed again"))
+    again = B.build(str(tiny_llava_dir), tmp_path / "cb2.pt", cfg, cache=tmp_path / "cache", say=lambda m: None)
+    assert torch.equal(files.load(tmp_path / "cb2.pt"), protos) and again["tau"] == record["tau"]
+    summary = analyze(str(tmp_path / "cb.pt"), tmp_path / "analysis", say=lambda m: None)
+    assert summary["probed_tokens"] == 6 * 96
+    assert 0 <= summary["not_redundant_share_attention_unimportant"] <= 1
+    assert (tmp_path / "analysis" / "analysis.png").stat().st_size > 0

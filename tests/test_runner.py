@@ -63,6 +63,15 @@ def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
     assert "unknown task(s) 'testbed_nope'" in err and "testbed_exist" in err
 
 
+def test_a_codebook_from_another_model_stops_the_run_before_any_cell(tiny_llava_dir, tmp_path, capsys):
+    # The default codebook is the testbed model's (hidden 128); the tiny model's projector is narrower.
+    assert cli.main(["run", "--methods", "codebook_fixed", "--budgets", "64", "--tasks", "testbed_exist",
+                     "--model", str(tiny_llava_dir), "--limit", "1", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "method 'codebook_fixed' cannot run" in err and "hidden size 128" in err
+    assert not (tmp_path / "out" / "summary.csv").exists()
+
+
 PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
           "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall",
           "delta_ipr",
