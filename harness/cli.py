@@ -84,6 +84,17 @@ def _codebook_analyze(args) -> int:
     return 0
 
 
+def _analyze_consistency(args) -> int:
+    from .ipr_analysis import analyze_consistency
+
+    try:
+        analyze_consistency(args.run_dir)
+    except ValueError as e:
+        print(f"harness analyze consistency: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _limit(text: str):
     """An int (docs per task), a float below 1 (a fraction of each task), as lmms-eval takes it, or
     `all` (None: every document)."""
@@ -170,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     cb_analyze.add_argument("--run", default=None, help="a `harness run` folder with the adaptive codebook: "
                                                         "also plot the tokens it kept per image")
     cb_analyze.set_defaults(func=_codebook_analyze)
+
+    analyze = sub.add_parser("analyze", help="analyses of a finished run").add_subparsers(
+        dest="analyze_command", required=True)
+    consistency = analyze.add_parser("consistency", help="does ΔIPR predict consistency? (LoFi's claim)")
+    consistency.add_argument("run_dir", help="output folder of a `harness run`")
+    consistency.set_defaults(func=_analyze_consistency)
 
     testbed = sub.add_parser("testbed", help="the synthetic world and its model").add_subparsers(
         dest="testbed_command", required=True)

@@ -193,11 +193,14 @@ def test_build_resume_and_analyze_end_to_end(tiny_llava_dir, tmp_path, monkeypat
     protos = files.load(tmp_path / "cb.pt")
     assert protos.shape[0] == record["statistics"]["prototypes"] > 0 and len(list((tmp_path / "cache").glob("*.pt"))) == 6
     assert len(json.loads((tmp_path / "cb.json").read_text())) == protos.shape[0]
+    # Analysis reads the build's probes; one lost from the cache is probed again.
+    lost = sorted((tmp_path / "cache").glob("*.pt"))[0]
+    lost.unlink()
+    summary = analyze(str(tmp_path / "cb.pt"), tmp_path / "analysis", say=lambda m: None)
+    assert lost.is_file() and summary["probed_tokens"] == 6 * 96
+    assert 0 <= summary["not_redundant_share_attention_unimportant"] <= 1
+    assert (tmp_path / "analysis" / "analysis.png").stat().st_size > 0
     # A second build reads every probe from the cache: no image is probed again.
     monkeypatch.setattr(probes.Prober, "probe", lambda *a, **k: pytest.fail("probed again"))
     again = B.build(str(tiny_llava_dir), tmp_path / "cb2.pt", cfg, cache=tmp_path / "cache", say=lambda m: None)
     assert torch.equal(files.load(tmp_path / "cb2.pt"), protos) and again["tau"] == record["tau"]
-    summary = analyze(str(tmp_path / "cb.pt"), tmp_path / "analysis", say=lambda m: None)
-    assert summary["probed_tokens"] == 6 * 96
-    assert 0 <= summary["not_redundant_share_attention_unimportant"] <= 1
-    assert (tmp_path / "analysis" / "analysis.png").stat().st_size > 0

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from . import files
-from .build import BuildConfig, combined_jsd, label
+from .build import BuildConfig, combined_jsd, label, load_model, run_probes, testbed_images
+from .probes import ProbeConfig
 
 
 def probed_table(cache: Path, cfg: BuildConfig, limits: dict):
@@ -68,8 +69,13 @@ def analyze(codebook: str, output: str | Path, run_dir: str | Path | None = None
         raise ValueError(f"{codebook} has no build record (.build.json): analyze needs a codebook built by "
                          f"`harness codebook build`, whose probe cache it reads")
     cfg_fields = {k: v for k, v in record["config"].items() if k != "probe"}
-    cfg = BuildConfig(**cfg_fields)
-    table = probed_table(Path(record["probe_cache"]), cfg, record["thresholds"])
+    cfg = BuildConfig(**cfg_fields, probe=ProbeConfig(**record["config"]["probe"]))
+    cache = files.resolve(record["probe_cache"])
+    if len(list(cache.glob("*.pt"))) < cfg.images:  # a fresh clone: the cache is not committed
+        say(f"probe cache {cache} incomplete: probing the build's {cfg.images} images again (resumable)")
+        model, processor = load_model(record["model"])
+        run_probes(model, processor, testbed_images(cfg.images), cache, cfg.probe)
+    table = probed_table(cache, cfg, record["thresholds"])
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "probed_tokens.csv", index=False)

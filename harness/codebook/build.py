@@ -158,13 +158,26 @@ def recommended_tau(prototypes: torch.Tensor, token_sets: list[torch.Tensor], sh
     return float(torch.quantile(s.double(), share))
 
 
-def build(model_path: str, output: str | Path, cfg: BuildConfig, cache: str | Path | None = None,
-          say=print) -> dict:
+def _portable(path) -> str:
+    """A path inside the repository as relative to its root (the record travels with the codebook)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(files.REPO_ROOT))
+    except ValueError:
+        return str(p)
+
+
+def load_model(model_path: str):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    path = str(files.resolve(model_path))
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def build(model_path: str, output: str | Path, cfg: BuildConfig, cache: str | Path | None = None,
+          say=print) -> dict:
     started = time.perf_counter()
-    model = LlavaForConditionalGeneration.from_pretrained(model_path).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
+    model, processor = load_model(model_path)
     cache = Path(cache) if cache else cache_dir_for(model_path, cfg.probe)
     images = testbed_images(cfg.images)
     results = run_probes(model, processor, images, cache, cfg.probe)
@@ -176,9 +189,9 @@ def build(model_path: str, output: str | Path, cfg: BuildConfig, cache: str | Pa
     with torch.no_grad():
         feats = [prober.visual_tokens(p)[0] for p in sample]
     tau = recommended_tau(prototypes, feats, cfg.tau_keep_share)
-    record = {"model": str(model_path), "tau": tau, "thresholds": limits, "config": asdict(cfg),
+    record = {"model": _portable(model_path), "tau": tau, "thresholds": limits, "config": asdict(cfg),
               "release_llava15": RELEASE_LLAVA15, "statistics": stats,
-              "build_seconds": round(time.perf_counter() - started, 1), "probe_cache": str(cache),
+              "build_seconds": round(time.perf_counter() - started, 1), "probe_cache": _portable(cache),
               "probe_seconds": round(sum(float(r.get("seconds", float("nan"))) for r in results.values()), 1),
               "torch": torch.__version__, "device": str(model.device)}
     files.save(output, prototypes, sources, record)
