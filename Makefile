@@ -10,3 +10,4 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/harness regress --ci

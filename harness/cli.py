@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     consistency.add_argument("run_dir", help="output folder of a `harness run`")
     consistency.set_defaults(func=_analyze_consistency)
 
+    from . import leaderboard, regress
+
+    leaderboard.add_parser(sub)
+    regress.add_parser(sub)
+
     testbed = sub.add_parser("testbed", help="the synthetic world and its model").add_subparsers(
         dest="testbed_command", required=True)
     train = testbed.add_parser("train", help="train the testbed model (resumable)")

@@ -75,7 +75,14 @@ class Method:
 
     def validate(self, model_config) -> None:
         """Raise a clear ValueError if this method cannot run on a model with `model_config`
-        (called once when pruning starts, before any forward)."""
+        (called when pruning starts, and by the runner before any cell). In-LLM methods need their
+        layer K inside the decoder."""
+        if self.stage == "in_llm":
+            n_layers = model_config.text_config.num_hidden_layers
+            layer = getattr(self, "layer", None)
+            if not isinstance(layer, int) or not 1 <= layer < n_layers:
+                raise ValueError(f"{type(self).__name__}: layer K must be in 1..{n_layers - 1} for this model, "
+                                 f"got {layer!r}")
 
     def score(self, ctx: VisualContext) -> torch.Tensor:
         """(N,) scores, higher = keep."""

@@ -72,6 +72,12 @@ def test_a_codebook_from_another_model_stops_the_run_before_any_cell(tiny_llava_
     assert not (tmp_path / "out" / "summary.csv").exists()
 
 
+def test_a_fastv_layer_the_model_lacks_stops_the_run_before_any_cell(tiny_llava_dir, tmp_path, capsys):
+    assert cli.main(["run", "--methods", "fastv", "--budgets", "64", "--tasks", "testbed_exist",
+                     "--model", str(tiny_llava_dir), "--limit", "1", "--output", str(tmp_path / "out")]) == 2
+    assert "layer K must be in 1..1" in capsys.readouterr().err  # the tiny model has 2 decoder layers
+
+
 PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
           "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall",
           "delta_ipr",

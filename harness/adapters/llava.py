@@ -72,12 +72,7 @@ class PruningRun:
         if not method.uses_budget:
             self.budget = None  # `none` keeps everything whatever the budget
         self.layer = getattr(method, "layer", None)  # K, for in-LLM methods
-        if method.stage == "in_llm":
-            n_layers = model.config.text_config.num_hidden_layers
-            if not isinstance(self.layer, int) or not 1 <= self.layer < n_layers:
-                raise ValueError(f"{type(method).__name__}: layer K must be in 1..{n_layers - 1} for this model, "
-                                 f"got {self.layer!r}")
-        method.validate(model.config)
+        method.validate(model.config)  # e.g. FastV's K inside the decoder, a codebook's width
         self.images: list[ImageRecord] = []
         self.record_ipr = record_ipr  # off in timing and FLOPs passes: the SVD is measurement, not method
         self.selection_seconds = 0.0  # time spent in the method's select() (scores and choice)

@@ -120,7 +120,7 @@ def _plot(table, summary, path: Path) -> None:
             ax.set_xscale("log")
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
-    labels = ["all probed", "[CLS]-unimportant", "attention-unimportant"]
+    labels = ["all probed", "low [CLS]\nsimilarity", "low\nattention"]
     values = [summary["not_redundant_share_all"], summary["not_redundant_share_cls_unimportant"],
               summary["not_redundant_share_attention_unimportant"]]
     axes[3].bar(labels, values, color=["grey", "tab:blue", "tab:orange"])
