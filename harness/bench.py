@@ -11,12 +11,16 @@ decoder with LLaVA-1.5-7B's proportions). Printed and written to `bench.csv` (+ 
   realized_vs_predicted
   peak_memory_ratio   pruned / unpruned peak memory one generate allocates (harness.timing)
 
+The codebook methods run on the scaled model with a random codebook of the shipped one's size
+(`stand_in_codebook`): the cost is the same, the choices are meaningless.
+
 Times are medians over `repeats` after a warm-up (harness.timing); ratios are what to compare
 across machines, absolute times only with the device named.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +50,17 @@ def scaled_llava():
     return model, processor
 
 
+def stand_in_codebook(model, folder: Path) -> Path:
+    """A random-weight model has no codebook worth mining; for the cost of the codebook methods, a
+    codebook of the shipped one's size (prototype count) in this model's width stands in."""
+    from .codebook import files
+
+    size = files.load(files.TESTBED_CODEBOOK).shape[0]
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(size, model.config.text_config.hidden_size, generator=g)
+    return files.save(folder / "stand_in_codebook.pt", prototypes, ["random"] * size, {"note": stand_in_codebook.__doc__})
+
+
 def _prompt(processor):
     from .testbed import questions as Q
     from .testbed import world as W
@@ -64,6 +79,8 @@ def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5
 
     inputs = _prompt(processor)
     params = params or {}
+    for method in method_names:  # one that cannot run on this model stops the bench before any timing
+        registry.get(method, **params.get(method, {})).validate(model.config)
     base_time = time_cell(model, inputs, None, repeats=repeats)
     base_flops = flops.count_forward(model, inputs)
     base_ops = base_flops["flops_vision"] + base_flops["flops_prefill"]
@@ -107,10 +124,13 @@ def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=("t
         if name == "testbed":
             model = LlavaForConditionalGeneration.from_pretrained(M.CHECKPOINT).eval()
             processor = AutoProcessor.from_pretrained(M.CHECKPOINT)
+            params = {}
         else:
             model, processor = scaled_llava()
+            params = {m: {"path": str(stand_in_codebook(model, output))} for m in method_names
+                      if "path" in {f.name for f in dataclasses.fields(type(registry.get(m)))}}
             say(f"{name}: {asdict(SCALED_LLAVA)}, vocabulary {SCALED_VOCAB}")
-        rows += bench_model(name, model, processor, method_names, budgets, repeats,
+        rows += bench_model(name, model, processor, method_names, budgets, repeats, params=params,
                             progress=lambda row: bar.update(1))
     bar.close()
     frame = pd.DataFrame(rows)
