@@ -75,13 +75,18 @@ def _plot(table, path: Path) -> None:
     import seaborn as sns
 
     metrics = [m for m in CONSISTENCY if m in table]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    cols = min(4, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for i, (ax, metric) in enumerate(zip(flat, metrics)):
         sns.scatterplot(data=table, x="delta_ipr", y=metric, hue="method", style="budget", ax=ax, s=30,
-                        legend=ax is axes[0][-1])
+                        legend=i == len(metrics) - 1)
         ax.set_xlabel("ΔIPR (kept − all)")
-    if len(metrics):
-        axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=7)
+    for ax in flat[len(metrics):]:
+        ax.axis("off")
+    if metrics:
+        flat[len(metrics) - 1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
