@@ -110,13 +110,14 @@ def _limit(text: str):
 
 
 def _run(args) -> int:
-    from .runner import RunConfig, RunError, run
+    from .runner import RunConfig, RunError, parse_params, run
 
     config = RunConfig(methods=args.methods, budgets=args.budgets, tasks=args.tasks, model=args.model,
                        model_name=args.model_name, limit=args.limit, output=args.output,
                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, log_level=args.log_level,
                        timing_repeats=args.timing_repeats)
     try:
+        config.params = parse_params(args.params)
         run(config)
     except RunError as e:
         print(f"harness run: error: {e}", file=sys.stderr)
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lmms-eval log level (default WARNING; INFO shows request counts)")
     run.add_argument("--timing-repeats", dest="timing_repeats", type=int, default=5,
                      help="timed repeats per cell and task in the timing pass (0 skips it)")
+    run.add_argument("--params", action="append", metavar="METHOD:KEY=VALUE[;KEY=VALUE]",
+                     help="a method's parameters, e.g. --params 'lofi:center=true' (repeatable)")
     run.set_defaults(func=_run)
 
     bench = sub.add_parser("bench", help="selection overhead, realized vs predicted speedup, memory")

@@ -61,10 +61,38 @@ class RunConfig:
     dtype: str | None = None
     log_level: str | None = None
     timing_repeats: int = 5  # the timing pass per cell and task; 0 skips it
+    params: dict = field(default_factory=dict)  # per method: {"lofi": {"center": True}}
     extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- argument resolution
+
+def parse_params(specs: list[str] | None) -> dict[str, dict]:
+    """`method:key=value;key=value` strings -> {method: {key: value}}; values read as YAML scalars
+    (`true`, `3`, `0.5`, `budget`). Unknown methods or parameters are refused with what exists."""
+    import yaml
+
+    import methods
+
+    out: dict[str, dict] = {}
+    for spec in specs or []:
+        name, sep, body = spec.partition(":")
+        name = name.strip()
+        if not sep or not body.strip():
+            raise RunError(f"--params {spec!r}: expected METHOD:key=value[;key=value...]")
+        pairs = {}
+        for item in body.split(";"):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise RunError(f"--params {spec!r}: {item!r} is not key=value")
+            pairs[key.strip()] = yaml.safe_load(value.strip())
+        try:
+            methods.get(name, **pairs)
+        except ValueError as e:
+            raise RunError(f"--params {spec!r}: {e}") from None
+        out.setdefault(name, {}).update(pairs)
+    return out
+
 
 def resolve_methods(spec: str) -> list[str]:
     """``none`` | ``all`` | ``a,b``: registered method names, validated."""
@@ -365,7 +393,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
     for method in dict.fromkeys(m for m, _ in grid):  # a method that cannot run here stops the run now
         try:
-            methods_registry.get(method, **lm.method_params).validate(lm._model.config)
+            methods_registry.get(method, **{**lm.method_params, **config.params.get(method, {})}).validate(
+                lm._model.config)
         except ValueError as e:
             raise RunError(f"method {method!r} cannot run on {label}: {e}") from None
     run_id = store.start_run(_provenance(config, model_path, fingerprint, lm))
@@ -373,7 +402,10 @@ def run(config: RunConfig, out=None) -> list[dict]:
     rows: list[dict] = []
     reference: dict = {}  # the unpruned cell's sample views per task, computed once
     for i, (method, budget) in enumerate(grid, 1):
-        lm.configure(method, budget)
+        if method in config.params:  # an instance carries its parameters into repr, the cell key and the records
+            lm.configure(methods_registry.get(method, **{**lm.method_params, **config.params[method]}), budget)
+        else:
+            lm.configure(method, budget)
         lm.pop_records()
         determined_by = {**fingerprint, "method": method, "method_repr": repr(lm.method), "budget": budget}
         key = cell_key(determined_by)

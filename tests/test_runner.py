@@ -78,6 +78,23 @@ def test_a_fastv_layer_the_model_lacks_stops_the_run_before_any_cell(tiny_llava_
     assert "layer K must be in 1..1" in capsys.readouterr().err  # the tiny model has 2 decoder layers
 
 
+def test_method_parameters_reach_their_method_only(tiny_llava_dir, tmp_path):
+    """--params sets one method's parameters (here FastV's K for a 2-layer model); `none` is untouched."""
+    out = tmp_path / "out"
+    assert cli.main(["run", "--methods", "fastv", "--budgets", "64", "--tasks", "testbed_exist", "--limit", "1",
+                     "--model", str(tiny_llava_dir), "--output", str(out), "--timing-repeats", "0",
+                     "--params", "fastv:layer=1"]) == 0
+    line = json.loads((out / "samples" / "fastv_64_testbed_exist.jsonl").read_text().splitlines()[0])
+    assert "layer=1" in line["records"][0]["method"]
+
+
+def test_bad_method_parameters_are_refused(capsys):
+    for spec, message in (("fastv:nope=1", "has no parameter(s) nope"), ("bogus:x=1", "unknown method 'bogus'"),
+                          ("lofi", "expected METHOD:key=value")):
+        assert cli.main(["run", "--methods", "fastv", "--params", spec]) == 2
+        assert message in capsys.readouterr().err
+
+
 PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct", "first_token_kl",
           "first_token_jsd", "top1_agreement", "mcnemar_p", "visual_tokens_in", "visual_tokens_kept", "evidence_recall",
           "delta_ipr",
