@@ -79,17 +79,18 @@ def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5
 
     inputs = _prompt(processor)
     params = params or {}
-    for method in method_names:  # one that cannot run on this model stops the bench before any timing
-        registry.get(method, **params.get(method, {})).validate(model.config)
+    instances = {m: registry.get(m, **params.get(m, {})) for m in method_names}
+    for method in instances.values():  # one that cannot run on this model stops the bench before any timing
+        method.validate(model.config)
     base_time = time_cell(model, inputs, None, repeats=repeats)
     base_flops = flops.count_forward(model, inputs)
     base_ops = base_flops["flops_vision"] + base_flops["flops_prefill"]
     rows = []
-    for method in method_names:
-        if not registry.get(method, **params.get(method, {})).uses_budget:
+    for method, instance in instances.items():
+        if not instance.uses_budget:
             continue
         for budget in budgets:
-            scope = lambda: prune(model, method, budget, record_ipr=False, **params.get(method, {}))  # noqa: E731
+            scope = lambda: prune(model, instance, budget, record_ipr=False)  # noqa: E731
             timed = time_cell(model, inputs, scope, repeats=repeats)
             counted = flops.count_forward(model, inputs, scope)
             plain, pruned = paired_prefill_ms(model, inputs, scope, repeats=repeats)

@@ -5,6 +5,9 @@ An integer is tokens kept per image; a float in (0, 1] is the fraction kept (rou
 
 from __future__ import annotations
 
+FULL = "full"  # the budget label of methods that keep every token
+ADAPTIVE = "adaptive"  # ... and of methods that decide per image how many (thresholds)
+
 
 def check_budget(budget, tokens_per_image: int | None = None):
     """The budget unchanged, or a ValueError saying what is wrong and what is accepted."""
@@ -31,3 +34,11 @@ def tokens_to_keep(budget, tokens_per_image: int) -> int:
     if isinstance(budget, float):
         return max(1, min(tokens_per_image, round(budget * tokens_per_image)))
     return budget
+
+
+def budget_label(budget, adaptive: bool = False) -> str:
+    """The budget as results name it: the number kept, `full` for the unpruned reference, `adaptive`
+    for methods that decide per image."""
+    if budget is not None:
+        return str(budget)
+    return ADAPTIVE if adaptive else FULL

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .runner import ADAPTIVE, DEFAULT_BUDGETS, DEFAULT_TASKS, NO_BUDGET, REPO_ROOT, SUMMARY_COLUMNS
+from .budget import ADAPTIVE, FULL
+from .runner import DEFAULT_BUDGETS, DEFAULT_TASKS, REPO_ROOT, SUMMARY_COLUMNS
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "leaderboard.yaml"
 DEFAULT_OUTPUT = "results/leaderboard"
@@ -201,7 +202,7 @@ def merge(runs: list[Run]) -> tuple[pd.DataFrame, dict, dict]:
 
 def budget_order(budget: str) -> tuple:
     """full first, then numbers from largest to smallest, adaptive last."""
-    if budget == NO_BUDGET:
+    if budget == FULL:
         return (0, 0.0)
     if budget == ADAPTIVE:
         return (2, 0.0)

@@ -48,7 +48,7 @@ from tqdm import tqdm  # noqa: E402
 import methods  # noqa: E402
 
 from .adapters import prune  # noqa: E402
-from .budget import check_budget  # noqa: E402
+from .budget import budget_label, check_budget  # noqa: E402
 from .model_args import CheckpointError, check_pretrained, parse_budget  # noqa: E402,F401
 
 FULL_VOCAB_LIMIT = 1024  # store the whole first-token distribution for vocabularies this small
@@ -165,9 +165,7 @@ class VTPLlava(lmms):
 
     @property
     def _budget_label(self) -> str:
-        if self.budget is not None:
-            return str(self.budget)
-        return "adaptive" if getattr(self.method, "adaptive", False) else "full"
+        return budget_label(self.budget, getattr(self.method, "adaptive", False))
 
     def __str__(self) -> str:
         # Part of the response-cache key (``f"{model}|{model_args}"``): it must name everything

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from .budget import budget_label as label_budget  # noqa: E402
 from .consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
 from .store import Store, cell_key, code_version, model_hash  # noqa: E402
 from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
@@ -39,8 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = _testbed_model.CHECKPOINT
 DEFAULT_TASKS = ("testbed",)
 SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")
-NO_BUDGET = "full"  # the budget label of methods that keep every token
-ADAPTIVE = "adaptive"  # ... and of methods that decide per image (thresholds)
 
 
 class RunError(Exception):
@@ -174,16 +173,10 @@ def model_label(path: Path, name: str | None) -> str:
 
 
 def budget_label(budget, method: str | None = None) -> str:
-    """The budget column: the number kept, `full` for the unpruned reference, `adaptive` for methods
-    that decide per image how many to keep."""
-    if budget is not None:
-        return str(budget)
-    if method is not None:
-        import methods
+    """The budget column of the registered method `method` (harness.budget.budget_label)."""
+    import methods
 
-        if getattr(type(methods.get(method)), "adaptive", False):
-            return ADAPTIVE
-    return NO_BUDGET
+    return label_budget(budget, method is not None and getattr(type(methods.get(method)), "adaptive", False))
 
 
 # ----------------------------------------------------------------------------- results
@@ -391,10 +384,13 @@ def run(config: RunConfig, out=None) -> list[dict]:
     except ValueError as e:  # bad device/dtype/batch size
         raise RunError(str(e)) from None
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
-    for method in dict.fromkeys(m for m, _ in grid):  # a method that cannot run here stops the run now
+    # Each method once, with its parameters (they reach its repr, the cell key and the records); one
+    # that cannot run on this model stops the run now.
+    instances = {}
+    for method in dict.fromkeys(m for m, _ in grid):
         try:
-            methods_registry.get(method, **{**lm.method_params, **config.params.get(method, {})}).validate(
-                lm._model.config)
+            instances[method] = methods_registry.get(method, **{**lm.method_params, **config.params.get(method, {})})
+            instances[method].validate(lm._model.config)
         except ValueError as e:
             raise RunError(f"method {method!r} cannot run on {label}: {e}") from None
     run_id = store.start_run(_provenance(config, model_path, fingerprint, lm))
@@ -402,10 +398,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
     rows: list[dict] = []
     reference: dict = {}  # the unpruned cell's sample views per task, computed once
     for i, (method, budget) in enumerate(grid, 1):
-        if method in config.params:  # an instance carries its parameters into repr, the cell key and the records
-            lm.configure(methods_registry.get(method, **{**lm.method_params, **config.params[method]}), budget)
-        else:
-            lm.configure(method, budget)
+        lm.configure(instances[method], budget)
         lm.pop_records()
         determined_by = {**fingerprint, "method": method, "method_repr": repr(lm.method), "budget": budget}
         key = cell_key(determined_by)

@@ -19,6 +19,8 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
+from harness.codebook import files
+
 from . import register
 from .base import Method, Selection, VisualContext, check_range
 
@@ -28,8 +30,6 @@ _CACHE: dict = {}
 
 def prototypes(path: str) -> torch.Tensor:
     """The L2-normalised prototypes of the codebook at `path` (loaded once per file version)."""
-    from harness.codebook import files
-
     resolved = files.resolve(path)
     stamp = (str(resolved), resolved.stat().st_mtime_ns if resolved.is_file() else None)
     if stamp not in _CACHE:
@@ -42,17 +42,12 @@ class _CodebookBase(Method):
     path: str = "harness/testbed/codebook/codebook.pt"
 
     def validate(self, model_config) -> None:
-        from harness.codebook import files
-
         files.check_hidden(prototypes(self.path), model_config.text_config.hidden_size, self.path)
 
     def redundancy(self, ctx: VisualContext) -> torch.Tensor:
         """(N,) s_l, the largest cosine similarity to a prototype."""
         codes = prototypes(self.path)
-        if codes.shape[1] != ctx.features.shape[1]:
-            from harness.codebook import files
-
-            files.check_hidden(codes, ctx.features.shape[1], self.path)
+        files.check_hidden(codes, ctx.features.shape[1], self.path)  # also for select() outside the adapter
         x = F.normalize(ctx.features.float(), dim=-1)
         return (x @ codes.to(x.device).T).max(dim=1).values
 
@@ -76,8 +71,6 @@ class Codebook(_CodebookBase):
     def threshold(self) -> float:
         if self.tau is not None:
             return float(self.tau)
-        from harness.codebook import files
-
         return float(files.build_record(self.path).get("tau", RELEASE_TAU))
 
     def select(self, ctx: VisualContext, k: int) -> Selection:
