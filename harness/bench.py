@@ -9,7 +9,7 @@ decoder with LLaVA-1.5-7B's proportions). Printed and written to `bench.csv` (+ 
   speedup_realized    unpruned prefill time / pruned prefill time, the two timed alternately
   speedup_predicted   unpruned (vision + prefill) operations / pruned ones (harness.flops)
   realized_vs_predicted
-  peak_memory_ratio   pruned / unpruned peak memory one generate allocates (harness.timing)
+  peak_memory_ratio   pruned / unpruned peak memory of the prefill (harness.timing)
 
 The codebook methods run on the scaled model with a random codebook of the shipped one's size
 (`stand_in_codebook`): the cost is the same, the choices are meaningless.

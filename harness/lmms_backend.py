@@ -34,6 +34,7 @@ lmms_compat.apply(restore_log=False)
 
 import contextlib  # noqa: E402
 import gc  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -49,6 +50,7 @@ import methods  # noqa: E402
 
 from .adapters import prune  # noqa: E402
 from .budget import budget_label, check_budget  # noqa: E402
+from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
 from .model_args import CheckpointError, check_pretrained, parse_budget  # noqa: E402,F401
 
 FULL_VOCAB_LIMIT = 1024  # store the whole first-token distribution for vocabularies this small
@@ -107,7 +109,7 @@ class VTPLlava(lmms):
 
     def __init__(self, pretrained: str | None = None, device: str | None = "cpu", dtype=None, batch_size=1,
                  method: str = "none", budget=None, max_new_tokens: int = 32, top_k_logprobs: int = 20,
-                 **kwargs) -> None:
+                 image_cache_mb: int = 1536, **kwargs) -> None:
         super().__init__()
         # The evaluator always passes batch_size/max_batch_size/device (the latter two possibly
         # None-filtered); anything else is a typo worth a warning, not a crash.
@@ -125,6 +127,13 @@ class VTPLlava(lmms):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         self._processor = AutoProcessor.from_pretrained(self.pretrained)
+        # The documents' images and pixels, kept across cells (harness.image_cache): a quarter of
+        # the budget for the images, the rest for their pixel tensors.
+        cache_bytes = max(0, int(image_cache_mb)) * 2 ** 20
+        self._visual_cache = LRUBytes(cache_bytes // 4)
+        if cache_bytes and hasattr(self._processor, "image_processor"):
+            self._processor.image_processor = CachedImageProcessor(self._processor.image_processor,
+                                                                   cache_bytes - cache_bytes // 4)
         self._model = LlavaForConditionalGeneration.from_pretrained(self.pretrained, dtype=self._dtype)
         self._model.to(self._device).eval()
         config = self._model.config
@@ -269,11 +278,22 @@ class VTPLlava(lmms):
     # ------------------------------------------------------------------ inputs
 
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
-        from PIL import Image
-
+        """The doc's images, from the run's cache when an earlier cell already loaded them (keyed by
+        the doc's content too, so a changed doc is loaded afresh)."""
         if doc_to_visual is None:
             return []
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        doc = self.task_dict[task][split][doc_id]
+        key = (task, split, doc_id, hashlib.blake2b(repr(doc).encode(), digest_size=16).hexdigest())
+        images = self._visual_cache.get(key)
+        if images is None:
+            images = self._load_visuals(doc_to_visual(doc), doc_id, task)
+            self._visual_cache.put(key, images, sum(im.width * im.height * len(im.getbands()) for im in images))
+        return images
+
+    @staticmethod
+    def _load_visuals(visuals, doc_id, task) -> list:
+        from PIL import Image
+
         if visuals is None:
             return []
         if not isinstance(visuals, (list, tuple)):
@@ -396,7 +416,7 @@ class VTPLlava(lmms):
         if any(ref for ref in reference):
             rows = [i for i, ref in enumerate(reference) if ref]
             scored, _ = self._score_continuations([items[i][:2] for i in rows], [reference[i] for i in rows])
-            for i, (loss, _, _) in zip(rows, scored):
+            for i, (loss, *_) in zip(rows, scored):
                 teacher_nll[i] = loss
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         results = []
@@ -423,49 +443,69 @@ class VTPLlava(lmms):
     # ------------------------------------------------------------------ loglikelihood
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """Requests that share a doc and prompt and whose continuations are single tokens (the
+        options of a multiple-choice question) are scored from one forward: with causal attention
+        the prompt's last position does not see the continuation, so this equals scoring each alone
+        (tested), at a quarter of the cost for four options."""
         results: list = [None] * len(requests)
-        prepared = []
-        for req in requests:
+        groups: dict[tuple, list] = {}
+        for i, req in enumerate(requests):
             ctx, continuation, doc_to_visual, doc_id, task, split = req.args[:6]
             images = self._visuals(doc_to_visual, doc_id, task, split)
             if callable(continuation):  # output_type: loglikelihood passes doc_to_target
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            prepared.append((self.build_prompt(ctx, len(images)), images, str(continuation)))
-            self.example_prompts.setdefault(task, prepared[-1][:2])
-        order = sorted(range(len(requests)), key=lambda i: (-len(prepared[i][1]), -len(prepared[i][0])))
+            prompt = self.build_prompt(ctx, len(images))
+            self.example_prompts.setdefault(task, (prompt, images))
+            ids = self.tokenizer(str(continuation), add_special_tokens=False)["input_ids"]
+            groups.setdefault((task, split, doc_id, prompt), [prompt, images, []])[2].append(
+                (i, str(continuation), ids))
+        items = []
+        for prompt, images, options in groups.values():
+            if len(options) > 1 and all(len(ids) == 1 for _, _, ids in options):
+                items.append((prompt, images, options))
+            else:
+                items += [(prompt, images, [option]) for option in options]
+        items.sort(key=lambda it: (-len(it[1]), -len(it[0])))
         bar = tqdm(total=len(requests), desc=f"loglikelihood [{self.method_name}, budget {self._budget_label}]",
                    disable=self.rank != 0, leave=False)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, result in zip(chunk, self._loglikelihood_batch([prepared[i] for i in chunk],
-                                                                  [requests[i] for i in chunk])):
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            for (i, _, _), result in zip([o for it in chunk for o in it[2]],
+                                         self._loglikelihood_batch(chunk, requests)):
                 results[i] = result
-            bar.update(len(chunk))
+            bar.update(sum(len(it[2]) for it in chunk))
         bar.close()
         return results
 
     @torch.inference_mode()
-    def _loglikelihood_batch(self, items, reqs) -> list[tuple[float, bool]]:
-        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for _, _, c in items]
-        scored, run_info = self._score_continuations([(p, ims) for p, ims, _ in items], conts)
+    def _loglikelihood_batch(self, items, requests) -> list[tuple[float, bool]]:
+        """One forward for the batch's prompts; each item's options in order. An item holds one
+        continuation, or several single-token ones read at the same position."""
+        scored, run_info = self._score_continuations([(p, ims) for p, ims, _ in items],
+                                                     [options[0][2] for _, _, options in items])
         results = []
-        for row, ((loss, greedy, first), req) in enumerate(zip(scored, reqs)):
-            record = self._record_base(req, "loglikelihood")
+        for row, ((loss, greedy, first, logprobs), (_, _, options)) in enumerate(zip(scored, items)):
             kept = run_info["kept"][row]
-            record.update(continuation=items[row][2], continuation_ids=conts[row],
-                          input_tokens=int(run_info["prompt_lengths"][row]),
-                          visual_tokens_in=int(run_info["visual_in"][row]),
-                          visual_tokens_kept=sum(len(k) for k in kept), kept_indices=kept,
-                          evidence_recall=self._evidence_recall(req, kept), delta_ipr=run_info["delta_ipr"][row],
-                          loss=loss, is_greedy=greedy, first_token=first)
-            self.records[self._key(req)] = record
-            results.append((loss, greedy))
+            for i, continuation, ids in options:
+                if len(options) > 1:  # a single-token option of a shared prompt
+                    loss, greedy = float(-logprobs[ids[0]]), bool(int(logprobs.argmax()) == ids[0])
+                req = requests[i]
+                record = self._record_base(req, "loglikelihood")
+                record.update(continuation=continuation, continuation_ids=ids,
+                              input_tokens=int(run_info["prompt_lengths"][row]),
+                              visual_tokens_in=int(run_info["visual_in"][row]),
+                              visual_tokens_kept=sum(len(k) for k in kept), kept_indices=kept,
+                              evidence_recall=self._evidence_recall(req, kept), delta_ipr=run_info["delta_ipr"][row],
+                              loss=loss, is_greedy=greedy, first_token=first)
+                self.records[self._key(req)] = record
+                results.append((loss, greedy))
         return results
 
     @torch.inference_mode()
     def _score_continuations(self, prompts, conts: list[list[int]]):
-        """Summed NLL (and whether greedy, and the first token's distribution) of each continuation
-        after its prompt, under the current method: one teacher-forced forward for the batch."""
+        """Per continuation after its prompt, under the current method, from one teacher-forced
+        forward for the batch: summed NLL, whether greedy, the first token's distribution (as
+        stored) and its full log-probability vector."""
         # Right padding: trailing pads cannot affect earlier (causal) positions; positions come from
         # the mask, so they are exact per row whatever the padding, also after pruning re-pads rows.
         inputs = self._encode([p for p, _ in prompts], [ims for _, ims in prompts], padding_side="right")
@@ -491,7 +531,7 @@ class VTPLlava(lmms):
         scored = []
         for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
             if not c:
-                scored.append((0.0, True, None))
+                scored.append((0.0, True, None, None))
                 continue
             at = torch.arange(p - 1, p - 1 + len(c), device=logits.device)
             if columns is not None:  # where those positions went in the pruned sequence
@@ -499,5 +539,6 @@ class VTPLlava(lmms):
             logprobs = F.log_softmax(logits[row, at].float(), dim=-1)
             target = torch.tensor(c, device=logprobs.device)
             scored.append((float(-logprobs.gather(-1, target[:, None]).sum()),
-                           bool((logprobs.argmax(-1) == target).all()), self._first_token_dist(logits[row, at[0]])))
+                           bool((logprobs.argmax(-1) == target).all()), self._first_token_dist(logits[row, at[0]]),
+                           logprobs[0]))
         return scored, info

@@ -7,7 +7,8 @@ times and reported as the median, with the spread (min, max, interquartile range
   selection_ms          time inside the method's `select()` during one prefill
   prefill_ms            time to first token: vision, selection and the LLM prefill (one forward, cache on)
   decode_ms_per_token   (generate k + 1 tokens - generate 1 token) / k, min_new_tokens forcing the length
-  peak_memory_mb        peak memory one generate allocates above the model and inputs
+  peak_memory_mb        peak memory generating the first token (the prefill) allocates above the model
+                        and inputs: where a generate peaks, as decoding adds one token's activations
                         (see `peak_memory_mb`: CUDA allocator statistics, CPU profiler memory events)
 
 On CUDA every timed region is synchronised. Device and attention backend are returned with the figures.
@@ -116,7 +117,7 @@ def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, de
         prefill_ms = _timed(prefill, device, repeats, warmup)
         one = _timed(lambda: generate(1), device, repeats, warmup)
         more = _timed(lambda: generate(1 + decode_tokens), device, repeats, warmup)
-        peak = peak_memory_mb(lambda: generate(1 + decode_tokens), device)
+        peak = peak_memory_mb(lambda: generate(1), device)
     decode = [(b - a) / decode_tokens for a, b in zip(one, more)]
     figures = {"vision_ms": spread(vision), "selection_ms": spread(selection[warmup:]), "prefill_ms": spread(prefill_ms),
                "decode_ms_per_token": spread(decode)}

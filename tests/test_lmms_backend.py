@@ -146,6 +146,58 @@ def test_pruned_requests(lm, method):
         lm.configure("none")
 
 
+def _options(lm, choices=(" red", " blue", " green", " white")):
+    """Four single-token options of one question per doc (a multiple_choice task's requests)."""
+    _requests(lm, "loglikelihood")  # sets the docs
+    return [Instance("loglikelihood", (f"What colour is image {d}?", c, _doc_to_visual, d, "t", "test"), k,
+                     {"task": "t", "doc_id": d, "repeats": 1}) for d in range(2) for k, c in enumerate(choices)]
+
+
+@pytest.mark.parametrize("method", ["none", "random", "fastv"])
+def test_options_of_one_prompt_share_a_forward(lm, method):
+    """Single-token options of one prompt are scored from one forward: the same losses, greedy flags
+    and records as scoring each option alone, pruned or not."""
+    import methods as registry
+
+    reqs = _options(lm)
+    assert all(len(lm.tokenizer(r.args[1], add_special_tokens=False)["input_ids"]) == 1 for r in reqs)
+    params = {"layer": 1} if method == "fastv" else {}
+    lm.configure(registry.get(method, **params), None if method == "none" else 64)
+    try:
+        shared = lm.loglikelihood(reqs)
+        shared_records = {k: dict(v) for k, v in lm.records.items()}
+        alone = [lm.loglikelihood([r])[0] for r in reqs]
+    finally:
+        lm.configure("none")
+    assert all(a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == b[1] for a, b in zip(shared, alone))
+    assert len({round(loss, 4) for loss, _ in shared[:4]}) == 4  # really four different options
+    assert sum(greedy for _, greedy in shared[:4]) <= 1
+    for key, record in shared_records.items():
+        assert record["continuation_ids"] == lm.records[key]["continuation_ids"]
+        assert record["kept_indices"] == lm.records[key]["kept_indices"]
+
+
+def test_images_and_pixels_are_reused_across_calls(lm):
+    """A second pass over the same docs renders nothing and processes no image again, and gives
+    the same answers (harness.image_cache)."""
+    reqs = _requests(lm, "loglikelihood", second=" blue")
+    calls = []
+    original = _doc_to_visual
+
+    def counting(doc):
+        calls.append(1)
+        return original(doc)
+
+    reqs = [Instance(r.request_type, r.args[:2] + (counting,) + r.args[3:], r.idx, r.metadata) for r in reqs]
+    first = lm.loglikelihood(reqs)
+    n_calls, misses = len(calls), lm.processor.image_processor.cache.misses
+    assert lm.loglikelihood(reqs) == first
+    assert len(calls) == n_calls and lm.processor.image_processor.cache.misses == misses
+    lm.task_dict["t"]["test"][0] = {"colours": ["green"]}  # a changed doc is loaded afresh
+    lm.loglikelihood(reqs[:1])
+    assert len(calls) == n_calls + 1
+
+
 def test_prompt_uses_the_chat_template(lm):
     assert lm.build_prompt("Q?", 2) == "USER: <image><image>\nQ? ASSISTANT:"
     assert lm.build_prompt("<image>\nQ?", 1) == "USER: <image>\nQ? ASSISTANT:"  # no second placeholder

@@ -1,0 +1,45 @@
+"""harness.image_cache: cached pixels equal the processor's, and the cache stays in its bounds."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.image_cache import CachedImageProcessor, LRUBytes
+
+
+def test_lru_keeps_to_its_byte_budget():
+    cache = LRUBytes(max_bytes=10)
+    for key in "abc":
+        cache.put(key, key, 4)
+    assert cache.bytes <= 10 and cache.get("a") is None and cache.get("c") == "c"
+    cache.put("d", "d", 4)  # "b" is now the least recently used
+    assert cache.get("b") is None and cache.get("c") == "c"
+    cache.put("huge", "x", 11)  # larger than the whole budget: not kept
+    assert cache.get("huge") is None and cache.bytes <= 10
+
+
+def test_cached_pixels_equal_the_processors(tiny_llava_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)) for _ in range(3)]
+    plain = processor(text=["USER: <image><image>\nQ ASSISTANT:", "USER: <image>\nQ ASSISTANT:"],
+                      images=images, padding=True, return_tensors="pt")
+    processor.image_processor = CachedImageProcessor(processor.image_processor, 2 ** 30)
+    for _ in range(2):
+        cached = processor(text=["USER: <image><image>\nQ ASSISTANT:", "USER: <image>\nQ ASSISTANT:"],
+                           images=images, padding=True, return_tensors="pt")
+        assert set(cached.keys()) == set(plain.keys())
+        for key in plain:
+            assert torch.equal(cached[key], plain[key]), key
+    cache = processor.image_processor.cache
+    assert (cache.misses, cache.hits) == (3, 3)
+    # the same pixels under another object hit; other pixels do not
+    processor.image_processor(images=[images[0].copy()], return_tensors="pt")
+    assert cache.hits == 4
+    other = Image.fromarray(np.zeros((336, 336, 3), np.uint8))
+    assert torch.equal(processor.image_processor(images=[other], return_tensors="pt")["pixel_values"],
+                       processor.image_processor.inner(images=[other], return_tensors="pt")["pixel_values"])
+    assert cache.misses == 4
