@@ -15,7 +15,8 @@ def _testbed_train(args) -> int:
 
     recipe = T.Recipe(seed=args.seed)
     for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps",
-                "attention_weight", "readout_weight", "turns", "vision_from"):
+                "attention_weight", "readout_weight", "readout_answers", "sink_for_absent", "turns", "vision_from",
+                "init_from"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
@@ -29,15 +30,15 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from . import runner
-    from .bench import run_bench
+    from .bench import MODELS, run_bench
 
     try:
         names = runner.resolve_methods(args.methods)
         budgets = runner.parse_budgets(args.budgets)
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-        unknown = [m for m in models if m not in ("testbed", "scaled-llava-1.5")]
+        unknown = [m for m in models if m not in MODELS]
         if unknown or not models:
-            raise runner.RunError(f"unknown bench model(s) {unknown}; accepted: testbed, scaled-llava-1.5")
+            raise runner.RunError(f"unknown bench model(s) {unknown}; accepted: {', '.join(MODELS)}")
         if args.repeats < 1:
             raise runner.RunError(f"--repeats must be at least 1, got {args.repeats}")
     except runner.RunError as e:
@@ -158,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default="all", help="all | comma list of registered methods")
     bench.add_argument("--budgets", default="192,128,64")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per quantity (median reported)")
-    bench.add_argument("--models", default="testbed,scaled-llava-1.5", help="testbed and/or scaled-llava-1.5")
+    bench.add_argument("--models", default="testbed,scaled-llava-1.5,llava-1.5-7b",
+                       help="comma list of testbed, scaled-llava-1.5 (end to end) and llava-1.5-7b "
+                            "(extrapolated from its real-size layers, harness.cost_model)")
     bench.add_argument("--output", default="runs/bench", help="folder for bench.csv and bench.png")
     bench.set_defaults(func=_bench)
 
@@ -212,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight of the evidence-attention loss (0 turns it off)")
     train.add_argument("--readout-weight", dest="readout_weight", type=float,
                        help="weight of the retrieval heads' read-out loss (0 turns it off)")
+    train.add_argument("--readout-answers", dest="readout_answers", choices=("attributes", "all"),
+                       help="answers the read-out loss covers: colours and letters, or also yes/no and relations")
+    train.add_argument("--sink-for-absent", dest="sink_for_absent", action="store_const", const=True,
+                       help="for a 'no', teach the retrieval heads to look at <s> rather than partial matches")
+    train.add_argument("--init-from", dest="init_from",
+                       help="take every weight from this llava-hf checkpoint and continue instruction tuning")
     train.add_argument("--turns", type=int, help="questions per training conversation")
     train.add_argument("--vision-from", dest="vision_from",
                        help="take the vision tower from this llava-hf checkpoint and skip stage 1")

@@ -94,8 +94,9 @@ def _fvcore(model, inputs, decode: bool):
         return analysis.by_module(), analysis.by_module_and_operator()
 
 
-def count_forward(model, inputs, pruning=None) -> dict[str, int]:
-    """fvcore counts of one batch (normally one sample): vision, prefill and decode per token.
+def count_forward(model, inputs, pruning=None, decode: bool = True) -> dict[str, int]:
+    """fvcore counts of one batch (normally one sample): vision, prefill and decode per token
+    (`decode=False` skips the second trace that decoding needs, and leaves that count out).
 
     `pruning` is a context manager factory (e.g. `lambda: prune(model, method, budget)`) applied
     around each traced forward, so the counts are those of the pruned model.
@@ -108,14 +109,16 @@ def count_forward(model, inputs, pruning=None) -> dict[str, int]:
     matmuls = {name: sum(v for op, v in operators.get(f"model.{name}", {}).items()
                          if op not in ("scaled_dot_product_attention", "layer_norm"))
                for name in ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")}
-    with torch.no_grad(), scope():
-        two, _ = _fvcore(model, inputs, decode=True)
     vision = one["model.model.vision_tower"] + one["model.model.multi_modal_projector"]
     prefill = one["model.model.language_model"] + one["model.lm_head"]
-    decode = two["model.model.language_model"] + two["model.lm_head"] - prefill
-    return {"flops_vision": int(vision), "flops_prefill": int(prefill), "flops_decode_per_token": int(decode),
-            "torch_comparable": {"vision": matmuls["model.vision_tower"] + matmuls["model.multi_modal_projector"],
-                                 "prefill": matmuls["model.language_model"] + matmuls["lm_head"]}}
+    counts = {"flops_vision": int(vision), "flops_prefill": int(prefill),
+              "torch_comparable": {"vision": matmuls["model.vision_tower"] + matmuls["model.multi_modal_projector"],
+                                   "prefill": matmuls["model.language_model"] + matmuls["lm_head"]}}
+    if decode:
+        with torch.no_grad(), scope():
+            two, _ = _fvcore(model, inputs, decode=True)
+        counts["flops_decode_per_token"] = int(two["model.model.language_model"] + two["model.lm_head"] - prefill)
+    return counts
 
 
 def count_vision_torch(model, inputs) -> int:

@@ -32,9 +32,46 @@ def test_bench_rows_for_every_budgeted_method(tmp_path):
 def test_scaled_llava_has_the_stated_shape():
     model, _ = bench.scaled_llava()
     t, v = model.config.text_config, model.config.vision_config
-    assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size) == (512, 8, 1376, 32000)
-    assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == (256, 6, 336, 14)
+    assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size) == (1024, 8, 2752, 32000)
+    assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == (512, 6, 336, 14)
     assert t.num_key_value_heads == t.num_attention_heads  # LLaVA-1.5: full multi-head attention
+    # LLaVA-1.5-7B's head widths: 128 in the LLM, 64 in the ViT
+    assert t.hidden_size // t.num_attention_heads == 128 and v.hidden_size // v.num_attention_heads == 64
+
+
+def test_cost_model_is_llava_15_7b():
+    from harness import cost_model
+
+    d = cost_model.LLAVA_15_7B
+    assert (d.vision_hidden, d.vision_layers, d.vision_heads) == (1024, 24, 16)
+    assert (d.text_hidden, d.text_layers, d.text_heads, d.text_kv_heads, d.text_intermediate) == (4096, 32, 32, 32, 11008)
+    assert cost_model.VOCAB == 32000
+
+
+def test_cost_model_extrapolates_from_measured_layers(monkeypatch, tmp_path):
+    """On a small stand-in of the same structure: rows for every budgeted method, and the predicted
+    speedup is the full-depth count (vision traced + extra ViT layers, analytic decoder layers)."""
+    from harness import cost_model, flops
+
+    small = M.ModelDims(vision_hidden=32, vision_layers=5, vision_heads=2, text_hidden=64, text_layers=7,
+                        text_heads=4, text_kv_heads=4, text_intermediate=128)
+    monkeypatch.setattr(cost_model, "LLAVA_15_7B", small)
+    monkeypatch.setattr(cost_model, "VOCAB", 600)
+    rows = cost_model.bench(["none", "random", "fastv"], (64,), repeats=1, output=tmp_path)
+    assert [r["method"] for r in rows] == ["random", "fastv"]
+    model, processor = cost_model.reduced_model()
+    inputs = bench._prompt(processor)
+    n = inputs["input_ids"].shape[1]
+    cfg = model.config.text_config.__class__(**{**model.config.text_config.to_dict(), "num_hidden_layers": 7})
+    vision = flops.count_forward(model, inputs, decode=False)["flops_vision"] + \
+        3 * cost_model.vision_layer_macs(577, 32, 128)
+    expected = {"random": (vision + flops.prefill_analytic(cfg, [n] * 7))
+                / (vision + flops.prefill_analytic(cfg, [n - 576 + 64] * 7)),
+                "fastv": (vision + flops.prefill_analytic(cfg, [n] * 7))
+                / (vision + flops.prefill_analytic(cfg, [n] * 2 + [n - 576 + 64] * 5))}
+    for row in rows:
+        assert row["speedup_predicted"] == expected[row["method"]]
+        assert row["prefill_ms"] > 0 and row["prefill_ms_unpruned"] > 0 and row["selection_share"] >= 0
 
 
 def test_cpu_peak_memory_sees_a_transient_tensor():

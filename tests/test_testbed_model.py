@@ -161,6 +161,27 @@ def test_attention_targets_point_at_each_answers_evidence():
                         for t in ev["words"][k, 0].nonzero()] == named[:2]
 
 
+def test_absent_answers_can_target_the_sink():
+    """With `sink_for_absent`, every "no" turn's retrieval heads target the row's <s> token (also
+    a "no" with no partial match, which otherwise has no target); other answers keep their patches."""
+    _, processor = M.build_model(M.TINY)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(M.IMAGE_TOKEN)
+    samples = [s for step in range(6) for s in T.instruct_samples(T.Recipe(curriculum_steps=0), step)
+               if s["family"] in ("exist", "video")][:3]
+    plain, sunk = (T.collate(samples, tok, image_id, sink_for_absent=flag)["evidence"] for flag in (False, True))
+    no_id = tok(" no", add_special_tokens=False)["input_ids"][0]
+    labels = T.collate(samples, tok, image_id)["labels"]
+    is_no = labels[sunk["rows"], sunk["positions"] + 1] == no_id
+    assert is_no.any() and (~is_no).any()
+    assert sunk["patches"][is_no].sum(-1).eq(1).all() and sunk["patches"][is_no][..., 0].all()
+    assert len(sunk["rows"]) >= len(plain["rows"])
+    kept = [(r, p) for r, p in zip(plain["rows"].tolist(), plain["positions"].tolist())]
+    for k, (r, p) in enumerate(zip(sunk["rows"].tolist(), sunk["positions"].tolist())):
+        if not is_no[k]:
+            assert torch.equal(sunk["patches"][k], plain["patches"][kept.index((r, p))])
+
+
 def test_recomputed_answer_attention_equals_the_models_own():
     """The attention loss recomputes heads 0-1 of one layer; it must equal what eager attention returns."""
     model, processor = M.build_model(M.TINY)

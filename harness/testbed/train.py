@@ -66,6 +66,15 @@ class Recipe:
     # o_proj, final norm and lm_head, should name the answer. Without it the retrieval heads look at
     # the right patches but their values carry no colour for hundreds of steps (TRAINING.md).
     readout_weight: float = 0.0
+    # Which answers the read-out loss covers: "attributes" (colours, letters) or "all" (also yes/no
+    # and the four relations; a count is not a function of what two heads look at, so never counts).
+    readout_answers: str = "attributes"
+    # For a "no" (nothing in the images is what the question names), heads 0-1 look at the <s>
+    # token instead of the partial matches: a clean signal that the read-out can tell from an object.
+    sink_for_absent: bool = False
+    # A llava-hf checkpoint whose every weight is taken (stages 1-2 skipped): instruction tuning
+    # continues from it.
+    init_from: str | None = None
     # A llava-hf checkpoint whose vision tower replaces stage 1 (its vision steps are then skipped).
     vision_from: str | None = None
     eval_every: int = 200
@@ -129,7 +138,7 @@ def encode_branches(tokenizer, image_token_id: int, sample: dict):
     return ids, labels, positions, segments
 
 
-def collate(samples, tokenizer, image_token_id):
+def collate(samples, tokenizer, image_token_id, sink_for_absent: bool = False):
     """A padded batch of branched samples, with its (batch, 1, T, T) boolean attention mask."""
     encoded = [encode_branches(tokenizer, image_token_id, s) for s in samples]
     # Few distinct lengths: CPU kernels (oneDNN) are rebuilt for every new shape.
@@ -150,7 +159,9 @@ def collate(samples, tokenizer, image_token_id):
     batch = {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
              "labels": labels, "pixel_values": pixels(scenes)}
     if all("evidence_turns" in s for s in samples):
-        batch["evidence"] = evidence_targets(samples, input_ids, labels, image_token_id, referent_words(tokenizer))
+        sink = set(word_ids(tokenizer, ["no"])) if sink_for_absent else set()
+        batch["evidence"] = evidence_targets(samples, input_ids, labels, image_token_id, referent_words(tokenizer),
+                                             sink_answers=sink)
     return batch
 
 
@@ -160,10 +171,11 @@ def referent_words(tokenizer) -> set[int]:
     return {tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words}
 
 
-def evidence_targets(samples, input_ids, labels, image_token_id, word_ids) -> dict:
+def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_answers=frozenset()) -> dict:
     """Targets for the attention losses, at the position that predicts each answer's first token:
     per referent the question names, the positions of its words in the question (`words`) and of its
-    evidence patches in the images (`patches`); spatial questions name two referents, others one."""
+    evidence patches in the images (`patches`); spatial questions name two referents, others one.
+    An answer whose first token is in `sink_answers` targets the row's <s> token instead of patches."""
     rows, positions, patches, words = [], [], [[], []], [[], []]
     length = input_ids.shape[1]
     for row, sample in enumerate(samples):
@@ -175,7 +187,8 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids) -> di
         if len(answer_starts) != len(evidence):
             raise RuntimeError(f"{len(answer_starts)} answers but {len(evidence)} evidence sets")
         for pos, referents in zip(answer_starts, evidence):
-            if not all(referents):
+            to_sink = int(labels[row, pos + 1]) in sink_answers
+            if not to_sink and not all(referents):
                 continue  # a 'no' about a colour and shape that nothing in the images has
             begin = max(q for q in question_starts if q <= pos)
             named = [t for t in range(max(begin, int(image_positions[-1]) + 1), pos + 1)
@@ -187,7 +200,10 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids) -> di
             positions.append(pos)
             for head in range(2):
                 mask = torch.zeros(length, dtype=torch.bool)
-                mask[image_positions[torch.tensor((referents[0], referents[-1])[head])]] = True
+                if to_sink:
+                    mask[0] = True  # <s>: the prompt's first token (rows are right-padded)
+                else:
+                    mask[image_positions[torch.tensor((referents[0], referents[-1])[head])]] = True
                 patches[head].append(mask)
                 mask = torch.zeros(length, dtype=torch.bool)
                 mask[groups[head]] = True
@@ -265,7 +281,7 @@ def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> l
 def make_batch(recipe: Recipe, stage: str, step: int, tokenizer, image_token_id: int) -> dict:
     """Everything one training step consumes: a pure function of (recipe, stage, step)."""
     if stage == "instruct":
-        return collate(instruct_samples(recipe, step), tokenizer, image_token_id)
+        return collate(instruct_samples(recipe, step), tokenizer, image_token_id, recipe.sink_for_absent)
     offset, batch = (1, recipe.vision_batch) if stage == "vision" else (2, recipe.align_batch)
     scenes = vision_scenes(recipe, offset, step, batch)
     return {"pixel_values": pixels(scenes), "targets": dense_targets(scenes)}
@@ -476,8 +492,12 @@ class Trainer:
         self.model.to(self.device).train()
         self.tokenizer = self.processor.tokenizer
         self.image_token_id = self.model.config.image_token_id
-        self._attribute_ids = torch.tensor(word_ids(self.tokenizer, list(W.COLOR_NAMES) + list(W.LETTERS)),
-                                           device=self.device)
+        readout_words = list(W.COLOR_NAMES) + list(W.LETTERS)
+        if recipe.readout_answers == "all":
+            readout_words += ["yes", "no"] + list(Q.RELATIONS)
+        elif recipe.readout_answers != "attributes":
+            raise ValueError(f"readout_answers must be 'attributes' or 'all', got {recipe.readout_answers!r}")
+        self._attribute_ids = torch.tensor(word_ids(self.tokenizer, readout_words), device=self.device)
         torch.manual_seed(recipe.seed)
         self.heads = VisionHeads(dims.vision_hidden).to(self.device)
         self.align_head = torch.nn.Linear(dims.text_hidden, 2).to(self.device)
@@ -487,6 +507,8 @@ class Trainer:
         self.ckpt = self.out / "checkpoint.pt"
         if self.ckpt.exists():
             self._resume()
+        elif recipe.init_from:
+            self._take_model(recipe.init_from)
         elif recipe.vision_from:
             self._take_vision_tower(recipe.vision_from)
 
@@ -531,6 +553,18 @@ class Trainer:
         self.state = {"stage": "align", "step": 0}
         self._make_optimizer()
         self.log(f"vision tower taken from {path}; stage 1 skipped")
+
+    def _take_model(self, path):
+        from transformers import LlavaForConditionalGeneration
+
+        donor = LlavaForConditionalGeneration.from_pretrained(path)
+        try:
+            self.model.load_state_dict(donor.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"--init-from {path}: its weights do not fit these dims ({err})") from None
+        self.state = {"stage": "instruct", "step": 0}
+        self._make_optimizer()
+        self.log(f"every weight taken from {path}; stages 1-2 skipped")
 
     def save_checkpoint(self):
         tmp = self.ckpt.with_suffix(".tmp")

@@ -1,0 +1,154 @@
+"""LLaVA-1.5-7B's prefill cost on this machine, from its real layer shapes (`harness bench`).
+
+The whole model (7B parameters) does not fit this CPU's time budget, but its cost is a sum over
+layers of identical shape. So a model of LLaVA-1.5-7B's exact widths (`LLAVA_15_7B`: CLIP ViT-L/14-336
+1024 wide, Llama 4096 wide with 32 heads and MLP 11008, vocabulary 32000) is built with only
+`VISION_LAYERS` ViT and `TEXT_LAYERS` decoder layers, random weights. Each method runs on it through
+the adapter, so its selection is timed on real-size inputs (576 tokens of width 4096, ViT-L's
+[CLS] attention). One decoder layer and one ViT layer are timed alone at the token counts the cell
+has. The full-depth prefill is then
+
+    T_full = T_reduced + (24 - VISION_LAYERS) * t_vit + sum over decoder layers l >= TEXT_LAYERS of t_dec(n_l)
+
+where T_reduced is the reduced model's measured pruned prefill (embedding, projector, selection,
+hooks and LM head included) and n_l the tokens entering layer l (an in-LLM method's pruned count
+from its layer on). The unpruned T_full is built the same way from the pruned run's parts outside
+the layers. The predicted speedup uses the same depths: fvcore's count of the reduced vision part
+plus the analytic count of the extra ViT layers, and `flops.prefill_analytic` over all 32 decoder
+layers (the selection's own operations are not in the prediction: its time is in the realized one). These are extrapolations from measured layers, labelled as such, not an end-to-end run.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from .testbed import model as M
+
+LLAVA_15_7B = M.ModelDims(vision_hidden=1024, vision_layers=24, vision_heads=16, text_hidden=4096, text_layers=32,
+                          text_heads=32, text_kv_heads=32, text_intermediate=11008)
+VOCAB = 32000
+VISION_LAYERS = 2  # the penultimate layer needs two; both run
+TEXT_LAYERS = 3  # FastV's default K = 2 needs a layer after it
+NAME = "llava-1.5-7b (layer-extrapolated)"
+
+
+def reduced_model():
+    """LLaVA-1.5-7B's widths with VISION_LAYERS ViT and TEXT_LAYERS decoder layers, random weights."""
+    import dataclasses
+
+    from transformers import LlavaForConditionalGeneration
+
+    _, processor = M.build_model(M.TINY)
+    dims = dataclasses.replace(LLAVA_15_7B, vision_layers=VISION_LAYERS, text_layers=TEXT_LAYERS)
+    config = M.build_config(dims, processor.tokenizer)
+    config.text_config.vocab_size = VOCAB
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def _median_ms(fn, repeats: int) -> float:
+    from .timing import _timed
+
+    return statistics.median(_timed(fn, torch.device("cpu"), repeats, warmup=1))
+
+
+@torch.no_grad()
+def decoder_layer_ms(model, n: int, repeats: int) -> float:
+    """One decoder layer's time on n tokens (causal attention, as in a prefill)."""
+    lm = model.model.language_model
+    hidden = torch.randn(1, n, lm.config.hidden_size)
+    positions = torch.arange(n)[None]
+    rope = lm.rotary_emb(hidden, positions)
+    return _median_ms(lambda: lm.layers[0](hidden, attention_mask=None, position_ids=positions,
+                                           position_embeddings=rope), repeats)
+
+
+@torch.no_grad()
+def vision_layer_ms(model, repeats: int) -> float:
+    """One ViT layer's time on the 577 tokens of one image."""
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)  # transformers 4.x nests the transformer one level down
+    n = tower.embeddings.num_positions
+    hidden = torch.randn(1, n, tower.config.hidden_size)
+    return _median_ms(lambda: tower.encoder.layers[0](hidden, attention_mask=None), repeats)
+
+
+def vision_layer_macs(n: int, d: int, m: int) -> int:
+    """One ViT layer in multiply-accumulates: Q, K, V, O projections, attention, the 2-layer MLP."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def bench(method_names, budgets, repeats: int, output, progress=None) -> list[dict]:
+    """Rows like `bench.bench_model`'s, for LLaVA-1.5-7B extrapolated from its layers (the codebook
+    methods with a random stand-in codebook of the shipped one's size, in `output`)."""
+    import methods as registry
+
+    from . import flops
+    from .adapters import prune
+    from .bench import _codebook_params, _prompt
+
+    model, processor = reduced_model()
+    params = _codebook_params(model, method_names, output)
+    inputs = _prompt(processor)
+    instances = {m: registry.get(m, **params.get(m, {})) for m in method_names}
+    for method in instances.values():
+        method.validate(model.config)
+    text_config = model.config.text_config
+    full = LLAVA_15_7B
+    n_image = model.config.image_seq_length
+    n_text = inputs["input_ids"].shape[1] - n_image
+    t_vit = vision_layer_ms(model, repeats)
+    layer_ms = {n_text + n_image: decoder_layer_ms(model, n_text + n_image, repeats)}
+    extra_vit_macs = (full.vision_layers - VISION_LAYERS) * vision_layer_macs(
+        n_image + 1, full.vision_hidden, 4 * full.vision_hidden)
+    vision_ops = flops.count_forward(model, inputs, decode=False)["flops_vision"] + extra_vit_macs
+    full_config = text_config.__class__(**{**text_config.to_dict(), "num_hidden_layers": full.text_layers})
+    base_ops = vision_ops + flops.prefill_analytic(full_config, [n_text + n_image] * full.text_layers)
+    rows = []
+    for method, instance in instances.items():
+        if not instance.uses_budget:
+            continue
+        for budget in budgets:
+            scope = lambda: prune(model, instance, budget, record_ipr=False)  # noqa: E731
+            per_layer = flops.tokens_per_layer(model, inputs, scope)
+            per_layer_full = per_layer + [per_layer[-1]] * (full.text_layers - len(per_layer))
+            for n in set(per_layer_full):
+                if n not in layer_ms:
+                    layer_ms[n] = decoder_layer_ms(model, n, repeats)
+            selection, prefill = [], []
+
+            def pruned_prefill():
+                with torch.no_grad(), scope() as run:
+                    model(**inputs, use_cache=True, logits_to_keep=1)
+                selection.append(1000 * run.selection_seconds)
+
+            prefill = _timed_list(pruned_prefill, repeats)
+            selection = selection[1:]  # the warm-up's
+            reduced_ms = statistics.median(prefill)
+            layers_ms = sum(layer_ms[n] for n in per_layer)
+            outside_ms = reduced_ms - layers_ms - VISION_LAYERS * t_vit - statistics.median(selection)
+            pruned_full = reduced_ms + (full.vision_layers - VISION_LAYERS) * t_vit + \
+                sum(layer_ms[n] for n in per_layer_full[TEXT_LAYERS:])
+            plain_full = outside_ms + full.vision_layers * t_vit + full.text_layers * layer_ms[n_text + n_image]
+            ops = vision_ops + flops.prefill_analytic(full_config, per_layer_full)
+            realized, predicted = plain_full / pruned_full, base_ops / ops
+            rows.append({"model": NAME, "method": method, "budget": budget,
+                         "selection_ms": statistics.median(selection), "prefill_ms": pruned_full,
+                         "prefill_ms_unpruned": plain_full,
+                         "selection_share": statistics.median(selection) / pruned_full,
+                         "speedup_realized": realized, "speedup_predicted": predicted,
+                         "realized_vs_predicted": realized / predicted, "peak_memory_ratio": float("nan"),
+                         "device": "cpu", "attention": model.config._attn_implementation})
+            if progress:
+                progress(rows[-1])
+    return rows
+
+
+def _timed_list(fn, repeats: int) -> list[float]:
+    from .timing import _timed
+
+    return _timed(fn, torch.device("cpu"), repeats, warmup=1)
