@@ -40,17 +40,22 @@ SCALED_VOCAB = 32000
 BUDGETS = (192, 128, 64)
 
 
-def scaled_llava():
-    """The random-weight LLaVA-1.5-shaped model (and the testbed processor, whose ids fit its vocabulary)."""
+def random_llava(dims: M.ModelDims, vocab: int):
+    """A random-weight LLaVA of these dims and vocabulary (and the testbed processor, whose ids fit it)."""
     from transformers import LlavaForConditionalGeneration
 
     _, processor = M.build_model(M.TINY)
-    config = M.build_config(SCALED_LLAVA, processor.tokenizer)
-    config.text_config.vocab_size = SCALED_VOCAB
+    config = M.build_config(dims, processor.tokenizer)
+    config.text_config.vocab_size = vocab
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def scaled_llava():
+    """The random-weight LLaVA-1.5-shaped model that runs end to end here."""
+    return random_llava(SCALED_LLAVA, SCALED_VOCAB)
 
 
 def stand_in_codebook(model, folder: Path) -> Path:
@@ -73,42 +78,47 @@ def _prompt(processor):
                      return_tensors="pt")
 
 
-def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None):
+def cells(model, method_names, budgets, params=None) -> list[tuple]:
+    """(method, budget, pruning scope factory) for each budgeted method; every method is validated
+    first, so one that cannot run on this model stops the bench before any timing."""
     import methods as registry
 
-    from . import flops
     from .adapters import prune
+
+    params = params or {}
+    instances = {m: registry.get(m, **params.get(m, {})) for m in method_names}
+    for method in instances.values():
+        method.validate(model.config)
+    return [(m, b, lambda inst=inst, b=b: prune(model, inst, b, record_ipr=False))
+            for m, inst in instances.items() if inst.uses_budget for b in budgets]
+
+
+def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None):
+    from . import flops
     from .timing import paired_prefill_ms, time_cell
 
     inputs = _prompt(processor)
-    params = params or {}
-    instances = {m: registry.get(m, **params.get(m, {})) for m in method_names}
-    for method in instances.values():  # one that cannot run on this model stops the bench before any timing
-        method.validate(model.config)
+    grid = cells(model, method_names, budgets, params)
     base_time = time_cell(model, inputs, None, repeats=repeats)
     base_flops = flops.count_forward(model, inputs, decode=False)
     base_ops = base_flops["flops_vision"] + base_flops["flops_prefill"]
     rows = []
-    for method, instance in instances.items():
-        if not instance.uses_budget:
-            continue
-        for budget in budgets:
-            scope = lambda: prune(model, instance, budget, record_ipr=False)  # noqa: E731
-            timed = time_cell(model, inputs, scope, repeats=repeats)
-            counted = flops.count_forward(model, inputs, scope, decode=False)
-            plain, pruned = paired_prefill_ms(model, inputs, scope, repeats=repeats)
-            t, b = timed["medians"], base_time["medians"]
-            ops = counted["flops_vision"] + counted["flops_prefill"]
-            realized, predicted = statistics.median(plain) / statistics.median(pruned), base_ops / ops
-            rows.append({"model": name, "method": method, "budget": budget, "selection_ms": t["selection_ms"],
-                         "prefill_ms": statistics.median(pruned), "prefill_ms_unpruned": statistics.median(plain),
-                         "selection_share": t["selection_ms"] / t["prefill_ms"],
-                         "speedup_realized": realized, "speedup_predicted": predicted,
-                         "realized_vs_predicted": realized / predicted,
-                         "peak_memory_ratio": t["peak_memory_mb"] / b["peak_memory_mb"],
-                         "device": timed["device"], "attention": timed["attention"]})
-            if progress:
-                progress(rows[-1])
+    for method, budget, scope in grid:
+        timed = time_cell(model, inputs, scope, repeats=repeats)
+        counted = flops.count_forward(model, inputs, scope, decode=False)
+        plain, pruned = paired_prefill_ms(model, inputs, scope, repeats=repeats)
+        t, b = timed["medians"], base_time["medians"]
+        ops = counted["flops_vision"] + counted["flops_prefill"]
+        realized, predicted = statistics.median(plain) / statistics.median(pruned), base_ops / ops
+        rows.append({"model": name, "method": method, "budget": budget, "selection_ms": t["selection_ms"],
+                     "prefill_ms": statistics.median(pruned), "prefill_ms_unpruned": statistics.median(plain),
+                     "selection_share": t["selection_ms"] / t["prefill_ms"],
+                     "speedup_realized": realized, "speedup_predicted": predicted,
+                     "realized_vs_predicted": realized / predicted,
+                     "peak_memory_ratio": t["peak_memory_mb"] / b["peak_memory_mb"],
+                     "device": timed["device"], "attention": timed["attention"]})
+        if progress:
+            progress(rows[-1])
     return rows
 
 

@@ -38,22 +38,21 @@ def reduced_model():
     """LLaVA-1.5-7B's widths with VISION_LAYERS ViT and TEXT_LAYERS decoder layers, random weights."""
     import dataclasses
 
-    from transformers import LlavaForConditionalGeneration
+    from .bench import random_llava
 
-    _, processor = M.build_model(M.TINY)
-    dims = dataclasses.replace(LLAVA_15_7B, vision_layers=VISION_LAYERS, text_layers=TEXT_LAYERS)
-    config = M.build_config(dims, processor.tokenizer)
-    config.text_config.vocab_size = VOCAB
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
+    return random_llava(dataclasses.replace(LLAVA_15_7B, vision_layers=VISION_LAYERS, text_layers=TEXT_LAYERS),
+                        VOCAB)
+
+
+def _times_ms(fn, repeats: int) -> list[float]:
+    """`repeats` timed runs after one warm-up."""
+    from .timing import _timed
+
+    return _timed(fn, torch.device("cpu"), repeats, warmup=1)
 
 
 def _median_ms(fn, repeats: int) -> float:
-    from .timing import _timed
-
-    return statistics.median(_timed(fn, torch.device("cpu"), repeats, warmup=1))
+    return statistics.median(_times_ms(fn, repeats))
 
 
 @torch.no_grad()
@@ -85,18 +84,12 @@ def vision_layer_macs(n: int, d: int, m: int) -> int:
 def bench(method_names, budgets, repeats: int, output, progress=None) -> list[dict]:
     """Rows like `bench.bench_model`'s, for LLaVA-1.5-7B extrapolated from its layers (the codebook
     methods with a random stand-in codebook of the shipped one's size, in `output`)."""
-    import methods as registry
-
     from . import flops
-    from .adapters import prune
-    from .bench import _codebook_params, _prompt
+    from .bench import _codebook_params, _prompt, cells
 
     model, processor = reduced_model()
-    params = _codebook_params(model, method_names, output)
     inputs = _prompt(processor)
-    instances = {m: registry.get(m, **params.get(m, {})) for m in method_names}
-    for method in instances.values():
-        method.validate(model.config)
+    grid = cells(model, method_names, budgets, _codebook_params(model, method_names, output))
     text_config = model.config.text_config
     full = LLAVA_15_7B
     n_image = model.config.image_seq_length
@@ -109,46 +102,37 @@ def bench(method_names, budgets, repeats: int, output, progress=None) -> list[di
     full_config = text_config.__class__(**{**text_config.to_dict(), "num_hidden_layers": full.text_layers})
     base_ops = vision_ops + flops.prefill_analytic(full_config, [n_text + n_image] * full.text_layers)
     rows = []
-    for method, instance in instances.items():
-        if not instance.uses_budget:
-            continue
-        for budget in budgets:
-            scope = lambda: prune(model, instance, budget, record_ipr=False)  # noqa: E731
-            per_layer = flops.tokens_per_layer(model, inputs, scope)
-            per_layer_full = per_layer + [per_layer[-1]] * (full.text_layers - len(per_layer))
-            for n in set(per_layer_full):
-                if n not in layer_ms:
-                    layer_ms[n] = decoder_layer_ms(model, n, repeats)
-            selection, prefill = [], []
+    for method, budget, scope in grid:
+        per_layer = flops.tokens_per_layer(model, inputs, scope)
+        per_layer_full = per_layer + [per_layer[-1]] * (full.text_layers - len(per_layer))
+        for n in set(per_layer_full):
+            if n not in layer_ms:
+                layer_ms[n] = decoder_layer_ms(model, n, repeats)
+        selection = []
 
-            def pruned_prefill():
-                with torch.no_grad(), scope() as run:
-                    model(**inputs, use_cache=True, logits_to_keep=1)
-                selection.append(1000 * run.selection_seconds)
+        def pruned_prefill():
+            with torch.no_grad(), scope() as run:
+                model(**inputs, use_cache=True, logits_to_keep=1)
+            selection.append(1000 * run.selection_seconds)
 
-            prefill = _timed_list(pruned_prefill, repeats)
-            selection = selection[1:]  # the warm-up's
-            reduced_ms = statistics.median(prefill)
-            layers_ms = sum(layer_ms[n] for n in per_layer)
-            outside_ms = reduced_ms - layers_ms - VISION_LAYERS * t_vit - statistics.median(selection)
-            pruned_full = reduced_ms + (full.vision_layers - VISION_LAYERS) * t_vit + \
-                sum(layer_ms[n] for n in per_layer_full[TEXT_LAYERS:])
-            plain_full = outside_ms + full.vision_layers * t_vit + full.text_layers * layer_ms[n_text + n_image]
-            ops = vision_ops + flops.prefill_analytic(full_config, per_layer_full)
-            realized, predicted = plain_full / pruned_full, base_ops / ops
-            rows.append({"model": NAME, "method": method, "budget": budget,
-                         "selection_ms": statistics.median(selection), "prefill_ms": pruned_full,
-                         "prefill_ms_unpruned": plain_full,
-                         "selection_share": statistics.median(selection) / pruned_full,
-                         "speedup_realized": realized, "speedup_predicted": predicted,
-                         "realized_vs_predicted": realized / predicted, "peak_memory_ratio": float("nan"),
-                         "device": "cpu", "attention": model.config._attn_implementation})
-            if progress:
-                progress(rows[-1])
+        prefill = _times_ms(pruned_prefill, repeats)
+        selection = selection[1:]  # the warm-up's
+        reduced_ms = statistics.median(prefill)
+        layers_ms = sum(layer_ms[n] for n in per_layer)
+        outside_ms = reduced_ms - layers_ms - VISION_LAYERS * t_vit - statistics.median(selection)
+        pruned_full = reduced_ms + (full.vision_layers - VISION_LAYERS) * t_vit + \
+            sum(layer_ms[n] for n in per_layer_full[TEXT_LAYERS:])
+        plain_full = outside_ms + full.vision_layers * t_vit + full.text_layers * layer_ms[n_text + n_image]
+        ops = vision_ops + flops.prefill_analytic(full_config, per_layer_full)
+        realized, predicted = plain_full / pruned_full, base_ops / ops
+        rows.append({"model": NAME, "method": method, "budget": budget,
+                     "selection_ms": statistics.median(selection), "prefill_ms": pruned_full,
+                     "prefill_ms_unpruned": plain_full,
+                     "selection_share": statistics.median(selection) / pruned_full,
+                     "speedup_realized": realized, "speedup_predicted": predicted,
+                     "realized_vs_predicted": realized / predicted, "peak_memory_ratio": float("nan"),
+                     "device": "cpu", "attention": model.config._attn_implementation})
+        if progress:
+            progress(rows[-1])
     return rows
 
-
-def _timed_list(fn, repeats: int) -> list[float]:
-    from .timing import _timed
-
-    return _timed(fn, torch.device("cpu"), repeats, warmup=1)

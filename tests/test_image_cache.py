@@ -1,7 +1,6 @@
 """harness.image_cache: cached pixels equal the processor's, and the cache stays in its bounds."""
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
