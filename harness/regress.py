@@ -491,7 +491,7 @@ def record(run_dir, history=HISTORY_FILE, out=None) -> int:
     history = Path(history)
     p = run.protocol
     line = {"recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_started": run.started[:19], "commit": ",".join(sorted(run.codes)),
+            "run_started": run.started[:19], "commit": run.provenance.get("commit", ",".join(sorted(run.codes))),
             "protocol": protocol_hash(p),
             "protocol_desc": f"tasks={','.join(map(str, p['tasks']))} limit={p['limit']} model={p['model']}",
             "run": str(run_dir), "headline": json.dumps(headline(run), sort_keys=True)}

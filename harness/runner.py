@@ -32,7 +32,7 @@ from pathlib import Path  # noqa: E402
 
 from .budget import budget_label as label_budget  # noqa: E402
 from .consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
-from .store import Store, cell_key, code_version, model_hash  # noqa: E402
+from .store import Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
 from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -333,7 +333,8 @@ def _provenance(config: RunConfig, model_path: Path, fingerprint: dict, lm) -> d
     from importlib.metadata import version
 
     packages = {p: version(p) for p in ("torch", "transformers", "lmms-eval", "fvcore", "numpy")}
-    return {"config": asdict(config), "model_path": str(model_path), **fingerprint, "packages": packages,
+    return {"config": asdict(config), "model_path": str(model_path), **fingerprint, "commit": git_commit(REPO_ROOT),
+            "packages": packages,
             "python": platform.python_version(), "device": str(lm.device), "platform": platform.platform()}
 
 

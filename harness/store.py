@@ -11,7 +11,8 @@ Tables:
 
 A cell's key is a hash of everything that determines its results: the model's weights, the
 method's repr (all parameters), the budget, the task names and their data versions, the sample
-limit, and the code version. A finished cell is written in one transaction (all its rows or
+limit, and the code version (a hash of the code the results depend on, `code_version`; the git
+commit is provenance). A finished cell is written in one transaction (all its rows or
 none), so a sweep killed at any moment resumes by skipping finished cells, never duplicating one.
 """
 
@@ -50,8 +51,32 @@ def model_hash(model_dir: Path) -> str:
     return file_hash(files)[:16]
 
 
+#: Code a cell's results depend on: every .py and task YAML under these folders of the repository,
+#: less the modules that only read finished runs or build things a run loads from files.
+RESULT_CODE = ("methods", "harness", "tasks")
+REPORT_ONLY = frozenset({"harness/leaderboard.py", "harness/regress.py", "harness/bench.py", "harness/cost_model.py",
+                         "harness/ipr_analysis.py", "harness/codebook/analyze.py", "harness/testbed/train.py"})
+
+
 def code_version(repo: Path) -> str:
-    """The git commit, marked dirty when tracked files under methods/ or harness/ differ from it."""
+    """A hash of the content of the code that determines a cell's results (`RESULT_CODE` less
+    `REPORT_ONLY`): a commit that changes only documents, reports or training leaves finished cells
+    valid, any change to a method, the adapter, the backend or a task invalidates them. Works
+    without git (an installed copy)."""
+    repo = Path(repo)
+    digest = hashlib.sha256()
+    for folder in RESULT_CODE:
+        for path in sorted((repo / folder).rglob("*")):
+            rel = path.relative_to(repo).as_posix()
+            if path.suffix in (".py", ".yaml") and path.is_file() and rel not in REPORT_ONLY \
+                    and "__pycache__" not in rel:
+                digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return "code-" + digest.hexdigest()[:16]
+
+
+def git_commit(repo: Path) -> str:
+    """The git commit, marked dirty when tracked files under methods/ or harness/ differ from it
+    (provenance only: the cell key uses `code_version`)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 check=True).stdout.strip()

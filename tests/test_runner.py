@@ -233,3 +233,25 @@ def test_limit_argument():
     assert cli._limit("all") is None and cli._limit("25") == 25 and cli._limit("0.5") == 0.5
     args = cli.build_parser().parse_args(["run"])
     assert args.limit == cli.DEFAULT_LIMIT  # the default protocol's documents per task
+
+
+def test_code_version_follows_the_code_results_depend_on(tmp_path):
+    """Cells are keyed on the content of the code that determines results: documents, reports and
+    training scripts leave finished cells valid; a method, the harness core or a task invalidates them."""
+    from harness.store import code_version
+
+    for rel in ("methods/m.py", "harness/core.py", "harness/leaderboard.py", "harness/testbed/train.py",
+                "tasks/t/t.yaml", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    base = code_version(tmp_path)
+    for rel in ("README.md", "harness/leaderboard.py", "harness/testbed/train.py"):
+        (tmp_path / rel).write_text("x = 2\n")
+        assert code_version(tmp_path) == base, rel
+    seen = {base}
+    for rel in ("methods/m.py", "harness/core.py", "tasks/t/t.yaml"):
+        (tmp_path / rel).write_text("x = 2\n")
+        seen.add(code_version(tmp_path))
+    assert len(seen) == 4
+    (tmp_path / "methods/new.py").write_text("")  # a new module counts too
+    assert code_version(tmp_path) not in seen
