@@ -6,7 +6,9 @@ layers of identical shape. So a model of LLaVA-1.5-7B's exact widths (`LLAVA_15_
 `VISION_LAYERS` ViT and `TEXT_LAYERS` decoder layers, random weights. Each method runs on it through
 the adapter, so its selection is timed on real-size inputs (576 tokens of width 4096, ViT-L's
 [CLS] attention). One decoder layer and one ViT layer are timed alone at the token counts the cell
-has. The full-depth prefill is then
+has, in turns with the cell's reduced prefill (`round_robin_ms`: this machine's speed drifts by up
+to 20% within a session, and a ratio of figures timed minutes apart would carry it). The full-depth
+prefill is then
 
     T_full = T_reduced + (24 - VISION_LAYERS) * t_vit + sum over decoder layers l >= TEXT_LAYERS of t_dec(n_l)
 
@@ -44,36 +46,44 @@ def reduced_model():
                         VOCAB)
 
 
-def _times_ms(fn, repeats: int) -> list[float]:
-    """`repeats` timed runs after one warm-up."""
-    from .timing import _timed
+def round_robin_ms(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Each callable timed `repeats` times, taking turns run by run (after `warmup` untimed rounds),
+    so that drift in the machine's speed (20% within a session here) reaches every figure alike."""
+    import time
 
-    return _timed(fn, torch.device("cpu"), repeats, warmup=1)
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - started) * 1000)
+    return times
 
 
-def _median_ms(fn, repeats: int) -> float:
-    return statistics.median(_times_ms(fn, repeats))
-
-
-@torch.no_grad()
-def decoder_layer_ms(model, n: int, repeats: int) -> float:
-    """One decoder layer's time on n tokens (causal attention, as in a prefill)."""
+def decoder_layer(model, n: int):
+    """A callable running one decoder layer on n tokens (causal attention, as in a prefill)."""
     lm = model.model.language_model
     hidden = torch.randn(1, n, lm.config.hidden_size)
     positions = torch.arange(n)[None]
     rope = lm.rotary_emb(hidden, positions)
-    return _median_ms(lambda: lm.layers[0](hidden, attention_mask=None, position_ids=positions,
-                                           position_embeddings=rope), repeats)
+
+    @torch.no_grad()
+    def run():
+        lm.layers[0](hidden, attention_mask=None, position_ids=positions, position_embeddings=rope)
+    return run
 
 
-@torch.no_grad()
-def vision_layer_ms(model, repeats: int) -> float:
-    """One ViT layer's time on the 577 tokens of one image."""
+def vision_layer(model):
+    """A callable running one ViT layer on the 577 tokens of one image."""
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)  # transformers 4.x nests the transformer one level down
-    n = tower.embeddings.num_positions
-    hidden = torch.randn(1, n, tower.config.hidden_size)
-    return _median_ms(lambda: tower.encoder.layers[0](hidden, attention_mask=None), repeats)
+    hidden = torch.randn(1, tower.embeddings.num_positions, tower.config.hidden_size)
+
+    @torch.no_grad()
+    def run():
+        tower.encoder.layers[0](hidden, attention_mask=None)
+    return run
 
 
 def vision_layer_macs(n: int, d: int, m: int) -> int:
@@ -94,20 +104,17 @@ def bench(method_names, budgets, repeats: int, output, progress=None) -> list[di
     full = LLAVA_15_7B
     n_image = model.config.image_seq_length
     n_text = inputs["input_ids"].shape[1] - n_image
-    t_vit = vision_layer_ms(model, repeats)
-    layer_ms = {n_text + n_image: decoder_layer_ms(model, n_text + n_image, repeats)}
     extra_vit_macs = (full.vision_layers - VISION_LAYERS) * vision_layer_macs(
         n_image + 1, full.vision_hidden, 4 * full.vision_hidden)
     vision_ops = flops.count_forward(model, inputs, decode=False)["flops_vision"] + extra_vit_macs
     full_config = text_config.__class__(**{**text_config.to_dict(), "num_hidden_layers": full.text_layers})
-    base_ops = vision_ops + flops.prefill_analytic(full_config, [n_text + n_image] * full.text_layers)
+    n_full = n_text + n_image
+    base_ops = vision_ops + flops.prefill_analytic(full_config, [n_full] * full.text_layers)
+    vit = vision_layer(model)
     rows = []
     for method, budget, scope in grid:
         per_layer = flops.tokens_per_layer(model, inputs, scope)
         per_layer_full = per_layer + [per_layer[-1]] * (full.text_layers - len(per_layer))
-        for n in set(per_layer_full):
-            if n not in layer_ms:
-                layer_ms[n] = decoder_layer_ms(model, n, repeats)
         selection = []
 
         def pruned_prefill():
@@ -115,20 +122,20 @@ def bench(method_names, budgets, repeats: int, output, progress=None) -> list[di
                 model(**inputs, use_cache=True, logits_to_keep=1)
             selection.append(1000 * run.selection_seconds)
 
-        prefill = _times_ms(pruned_prefill, repeats)
-        selection = selection[1:]  # the warm-up's
-        reduced_ms = statistics.median(prefill)
-        layers_ms = sum(layer_ms[n] for n in per_layer)
-        outside_ms = reduced_ms - layers_ms - VISION_LAYERS * t_vit - statistics.median(selection)
-        pruned_full = reduced_ms + (full.vision_layers - VISION_LAYERS) * t_vit + \
-            sum(layer_ms[n] for n in per_layer_full[TEXT_LAYERS:])
-        plain_full = outside_ms + full.vision_layers * t_vit + full.text_layers * layer_ms[n_text + n_image]
+        # The cell's parts, timed in turns: its reduced prefill, one ViT layer, one decoder layer at
+        # every token count its layers see and at the unpruned count.
+        parts = {"prefill": pruned_prefill, "vit": vit} | {n: decoder_layer(model, n) for n in {n_full, *per_layer_full}}
+        med = {k: statistics.median(v) for k, v in round_robin_ms(parts, repeats).items()}
+        sel = statistics.median(selection[1:])  # less the warm-up's
+        outside = med["prefill"] - sum(med[n] for n in per_layer) - VISION_LAYERS * med["vit"] - sel
+        pruned_full = med["prefill"] + (full.vision_layers - VISION_LAYERS) * med["vit"] + \
+            sum(med[n] for n in per_layer_full[TEXT_LAYERS:])
+        plain_full = outside + full.vision_layers * med["vit"] + full.text_layers * med[n_full]
         ops = vision_ops + flops.prefill_analytic(full_config, per_layer_full)
         realized, predicted = plain_full / pruned_full, base_ops / ops
         rows.append({"model": NAME, "method": method, "budget": budget,
-                     "selection_ms": statistics.median(selection), "prefill_ms": pruned_full,
-                     "prefill_ms_unpruned": plain_full,
-                     "selection_share": statistics.median(selection) / pruned_full,
+                     "selection_ms": sel, "prefill_ms": pruned_full, "prefill_ms_unpruned": plain_full,
+                     "selection_share": sel / pruned_full,
                      "speedup_realized": realized, "speedup_predicted": predicted,
                      "realized_vs_predicted": realized / predicted, "peak_memory_ratio": float("nan"),
                      "device": "cpu", "attention": model.config._attn_implementation})
