@@ -72,6 +72,11 @@ class Recipe:
     # For a "no" (nothing in the images is what the question names), heads 0-1 look at the <s>
     # token instead of the partial matches: a clean signal that the read-out can tell from an object.
     sink_for_absent: bool = False
+    # Keep each image token's grid position linearly readable from the projector output during
+    # instruction tuning (the alignment stage's position loss, kept on): the answer loss alone let the
+    # projector drop it (position R^2 0.91 in the tower's features, ~0 after the projector; TRAINING.md),
+    # and a spatial relation cannot be read from values that carry no position.
+    position_weight: float = 0.0
     # A llava-hf checkpoint whose every weight is taken (stages 1-2 skipped): instruction tuning
     # continues from it.
     init_from: str | None = None
@@ -384,6 +389,18 @@ def align_loss(model, tokenizer, batch, position_head):
     return word_loss + pos_loss, {"word": float(word_loss), "position": float(pos_loss)}
 
 
+def position_loss(inputs_embeds, input_ids, image_token_id: int, head) -> torch.Tensor:
+    """The alignment stage's position loss on the projector outputs the LLM receives: each image
+    token's (row, column) on the 24x24 grid, scaled to [0, 1], from a linear head on the normalised
+    token (image tokens are ~40x the norm of text embeddings: unnormalised, this loss would swamp
+    the others until the head caught up)."""
+    at = input_ids == image_token_id
+    patch = (at.cumsum(-1) - 1)[at] % (W.GRID * W.GRID)  # tokens of each image in raster order
+    target = torch.stack([patch // W.GRID, patch % W.GRID], dim=-1).float() / (W.GRID - 1)
+    tokens = inputs_embeds[at].float()
+    return F.mse_loss(head(F.layer_norm(tokens, tokens.shape[-1:])), target) * 10
+
+
 def answer_attention(model, hidden_states, batch, rows, positions, layer: int, heads=(0, 1)) -> torch.Tensor:
     """Log attention probabilities (N, 2, T) of two heads of `layer` that share a key/value head, at
     the given (row, position)s.
@@ -519,8 +536,9 @@ class Trainer:
             return list(m.vision_tower.parameters()) + list(self.heads.parameters())
         if stage == "align":
             return list(m.multi_modal_projector.parameters()) + list(self.align_head.parameters())
+        extra = list(self.align_head.parameters()) if self.recipe.position_weight else []
         return list(m.multi_modal_projector.parameters()) + list(m.language_model.parameters()) + \
-            list(self.model.lm_head.parameters())
+            list(self.model.lm_head.parameters()) + extra
 
     def _make_optimizer(self):
         stage = self.state["stage"]
@@ -641,6 +659,10 @@ class Trainer:
             readout = readout_loss(self.model, out.hidden_states, batch, evidence, layer, self._attribute_ids)
             loss = loss + self.recipe.readout_weight * readout
             info["readout"] = float(readout)
+        if self.recipe.position_weight:
+            position = position_loss(out.hidden_states[0], batch["input_ids"], self.image_token_id, self.align_head)
+            loss = loss + self.recipe.position_weight * position
+            info["position"] = float(position)
         return loss, info
 
     def export(self, path: str | Path, command: str = ""):
