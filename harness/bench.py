@@ -152,23 +152,21 @@ def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MOD
             say(f"{cost_model.NAME}: {_shape(cost_model.LLAVA_15_7B)}, vocabulary {cost_model.VOCAB}; runs "
                 f"{cost_model.VISION_LAYERS} ViT and {cost_model.TEXT_LAYERS} decoder layers (harness.cost_model)")
             rows += cost_model.bench(method_names, budgets, repeats, output, progress=lambda row: bar.update(1))
-            pd.DataFrame(rows).to_csv(output / "bench.csv", index=False)
-            continue
-        if name == "testbed":
-            model = LlavaForConditionalGeneration.from_pretrained(M.CHECKPOINT).eval()
-            processor = AutoProcessor.from_pretrained(M.CHECKPOINT)
-            params = {}
         else:
-            model, processor = scaled_llava()
-            params = _codebook_params(model, method_names, output)
-            say(f"{name}: {_shape(SCALED_LLAVA)}, vocabulary {SCALED_VOCAB}")
-        rows += bench_model(name, model, processor, method_names, budgets, repeats, params=params,
-                            progress=lambda row: bar.update(1))
-        del model
-        pd.DataFrame(rows).to_csv(output / "bench.csv", index=False)  # a later model's failure keeps these
+            if name == "testbed":
+                model = LlavaForConditionalGeneration.from_pretrained(M.CHECKPOINT).eval()
+                processor = AutoProcessor.from_pretrained(M.CHECKPOINT)
+                params = {}
+            else:
+                model, processor = scaled_llava()
+                params = _codebook_params(model, method_names, output)
+                say(f"{name}: {_shape(SCALED_LLAVA)}, vocabulary {SCALED_VOCAB}")
+            rows += bench_model(name, model, processor, method_names, budgets, repeats, params=params,
+                                progress=lambda row: bar.update(1))
+            del model
+        pd.DataFrame(rows).to_csv(output / "bench.csv", index=False)  # after each model: a later failure keeps these
     bar.close()
     frame = pd.DataFrame(rows)
-    frame.to_csv(output / "bench.csv", index=False)
     _plot(frame, output / "bench.png")
     columns = ["model", "method", "budget", "selection_share", "speedup_realized", "speedup_predicted",
                "realized_vs_predicted", "peak_memory_ratio"]

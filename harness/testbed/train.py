@@ -525,9 +525,9 @@ class Trainer:
         if self.ckpt.exists():
             self._resume()
         elif recipe.init_from:
-            self._take_model(recipe.init_from)
+            self._take(recipe.init_from, "init_from")
         elif recipe.vision_from:
-            self._take_vision_tower(recipe.vision_from)
+            self._take(recipe.vision_from, "vision_from")
 
     # Parameters trained in each stage.
     def _params(self, stage):
@@ -560,29 +560,24 @@ class Trainer:
             self.optimizer.load_state_dict(blob["optimizer"])
         self.log(f"resumed at stage {self.state['stage']} step {self.state['step']}")
 
-    def _take_vision_tower(self, path):
+    # What a donor checkpoint can give: (submodule, the flag naming it, the stage training resumes at,
+    # what the log says is skipped).
+    _DONATIONS = {"vision_from": ("model.vision_tower", "--vision-from", "align", "its vision tower; stage 1"),
+                  "init_from": ("", "--init-from", "instruct", "every weight; stages 1-2")}
+
+    def _take(self, path, what: str):
+        """Load part of a llava-hf checkpoint (`what`: a key of _DONATIONS) and skip the stages it replaces."""
         from transformers import LlavaForConditionalGeneration
 
+        part, flag, stage, said = self._DONATIONS[what]
         donor = LlavaForConditionalGeneration.from_pretrained(path)
         try:
-            self.model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+            self.model.get_submodule(part).load_state_dict(donor.get_submodule(part).state_dict())
         except RuntimeError as err:
-            raise ValueError(f"--vision-from {path}: its vision tower does not fit these dims ({err})") from None
-        self.state = {"stage": "align", "step": 0}
+            raise ValueError(f"{flag} {path}: its weights do not fit these dims ({err})") from None
+        self.state = {"stage": stage, "step": 0}
         self._make_optimizer()
-        self.log(f"vision tower taken from {path}; stage 1 skipped")
-
-    def _take_model(self, path):
-        from transformers import LlavaForConditionalGeneration
-
-        donor = LlavaForConditionalGeneration.from_pretrained(path)
-        try:
-            self.model.load_state_dict(donor.state_dict())
-        except RuntimeError as err:
-            raise ValueError(f"--init-from {path}: its weights do not fit these dims ({err})") from None
-        self.state = {"stage": "instruct", "step": 0}
-        self._make_optimizer()
-        self.log(f"every weight taken from {path}; stages 1-2 skipped")
+        self.log(f"taken from {path}: {said} skipped")
 
     def save_checkpoint(self):
         tmp = self.ckpt.with_suffix(".tmp")
