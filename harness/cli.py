@@ -16,7 +16,8 @@ def _testbed_train(args) -> int:
     recipe = T.Recipe(seed=args.seed)
     for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps",
                 "attention_weight", "readout_weight", "readout_answers", "sink_for_absent", "turns", "vision_from",
-                "init_from", "position_weight"):
+                "init_from", "position_weight", "single_batch", "eval_every", "count_centres",
+                "value_position_weight"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
@@ -219,12 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answers the read-out loss covers: colours and letters, or also yes/no and relations")
     train.add_argument("--sink-for-absent", dest="sink_for_absent", action="store_const", const=True,
                        help="for a 'no', teach the retrieval heads to look at <s> rather than partial matches")
+    train.add_argument("--count-centres", dest="count_centres", action="store_const", const=True,
+                       help="for a count, teach the retrieval heads to spread evenly over <s> and each counted "
+                            "object's centre patch, and read the count out of them")
+    train.add_argument("--value-position-weight", dest="value_position_weight", type=float,
+                       help="weight of a loss keeping each image token's grid position readable from the "
+                            "retrieval heads' value vectors (0 turns it off)")
     train.add_argument("--position-weight", dest="position_weight", type=float,
                        help="weight of a loss keeping each image token's grid position readable from the "
                             "projector output during instruction tuning (0 turns it off)")
     train.add_argument("--init-from", dest="init_from",
                        help="take every weight from this llava-hf checkpoint and continue instruction tuning")
     train.add_argument("--turns", type=int, help="questions per training conversation")
+    train.add_argument("--single-batch", dest="single_batch", type=int,
+                       help="images per single-image instruction step")
+    train.add_argument("--eval-every", dest="eval_every", type=int,
+                       help="instruction steps between validation evaluations")
     train.add_argument("--vision-from", dest="vision_from",
                        help="take the vision tower from this llava-hf checkpoint and skip stage 1")
     train.set_defaults(func=_testbed_train)

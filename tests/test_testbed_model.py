@@ -182,6 +182,38 @@ def test_absent_answers_can_target_the_sink():
             assert torch.equal(sunk["patches"][k], plain["patches"][kept.index((r, p))])
 
 
+def test_count_questions_can_target_sink_and_object_centres():
+    """With `count_centres`, a count turn's retrieval heads target <s> plus one centre patch per counted
+    object (so <s>'s share says the count), spread evenly; other turns keep their targets."""
+    model, processor = M.build_model(M.TINY)
+    tok, image_id = processor.tokenizer, model.config.image_token_id
+    recipe = T.Recipe(curriculum_steps=0, count_centres=True)
+    samples = [s for step in range(0, 24, 6) for s in T.instruct_samples(recipe, step) if s["family"] == "count"][:3]
+    batch = T.collate(samples, tok, image_id)
+    ev = batch["evidence"]
+    labels = batch["labels"][ev["rows"], ev["positions"] + 1]
+    counts = {tok(" " + str(n), add_special_tokens=False)["input_ids"][0]: n for n in range(1, 5)}
+    assert ev["spread"].any() and (~ev["spread"]).any()
+    for k in ev["spread"].nonzero().flatten().tolist():
+        target = ev["patches"][k, 0]
+        assert target[0] and torch.equal(target, ev["patches"][k, 1])
+        assert int(target.sum()) == 1 + counts[int(labels[k])]  # <s> and one centre per counted object
+    plain = T.collate([{k: v for k, v in s.items() if k != "centre_turns"} for s in samples], tok, image_id)["evidence"]
+    assert torch.equal(plain["patches"][~ev["spread"]], ev["patches"][~ev["spread"]])
+    # The loss on a spread target is the cross-entropy against the uniform distribution over it.
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k not in ("evidence", "labels")}, output_hidden_states=True)
+        logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], 1)
+        words = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], 0, (2, 3))
+        loss = T.attention_loss(model, out.hidden_states, batch, ev, 1)
+    on = ev["patches"]
+    even = -torch.tensor([[float(logp[k, h][on[k, h]].mean()) for h in range(2)] for k in range(len(on))])
+    mass = -torch.logsumexp(logp.masked_fill(~on, float("-inf")), -1)
+    word_loss = -torch.logsumexp(words.masked_fill(~ev["words"], float("-inf")), -1).mean()
+    expected = (word_loss + torch.where(ev["spread"][:, None], even, mass).mean()) / 2
+    assert torch.isclose(loss, expected, atol=1e-5)
+
+
 def test_recomputed_answer_attention_equals_the_models_own():
     """The attention loss recomputes heads 0-1 of one layer; it must equal what eager attention returns."""
     model, processor = M.build_model(M.TINY)

@@ -67,7 +67,8 @@ class Recipe:
     # the right patches but their values carry no colour for hundreds of steps (TRAINING.md).
     readout_weight: float = 0.0
     # Which answers the read-out loss covers: "attributes" (colours, letters) or "all" (also yes/no
-    # and the four relations; a count is not a function of what two heads look at, so never counts).
+    # and the four relations). Counts are read out only with `count_centres`, which makes them a
+    # function of what the two heads look at.
     readout_answers: str = "attributes"
     # For a "no" (nothing in the images is what the question names), heads 0-1 look at the <s>
     # token instead of the partial matches: a clean signal that the read-out can tell from an object.
@@ -77,6 +78,16 @@ class Recipe:
     # projector drop it (position R^2 0.91 in the tower's features, ~0 after the projector; TRAINING.md),
     # and a spatial relation cannot be read from values that carry no position.
     position_weight: float = 0.0
+    # For a count question, heads 0-1 spread their attention evenly over <s> and the centre patch of
+    # each counted object, and the read-out covers counts: <s>'s share, 1/(n+1), then says n. With
+    # the default target (every patch of every counted object) the heads find the objects (0.96 of
+    # their mass) but a weighted mean of their values cannot say how many there are (TRAINING.md).
+    count_centres: bool = False
+    # Keep each image token's grid position linearly readable from the retrieval heads' value vectors
+    # (layer `attention_layer`, key/value head 0): RoPE puts position into queries and keys only, and
+    # the answer loss did not carry it into the values, so the heads' outputs could not say where the
+    # objects they found are (spatial relations at chance with 0.6-0.7 of the attention on them).
+    value_position_weight: float = 0.0
     # A llava-hf checkpoint whose every weight is taken (stages 1-2 skipped): instruction tuning
     # continues from it.
     init_from: str | None = None
@@ -180,8 +191,10 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
     """Targets for the attention losses, at the position that predicts each answer's first token:
     per referent the question names, the positions of its words in the question (`words`) and of its
     evidence patches in the images (`patches`); spatial questions name two referents, others one.
-    An answer whose first token is in `sink_answers` targets the row's <s> token instead of patches."""
-    rows, positions, patches, words = [], [], [[], []], [[], []]
+    An answer whose first token is in `sink_answers` targets the row's <s> token instead of patches.
+    A turn with counted centres (`centre_turns`, see `Recipe.count_centres`) targets <s> and those
+    centre patches, to be spread over evenly (`spread`)."""
+    rows, positions, patches, words, spread = [], [], [[], []], [[], []], []
     length = input_ids.shape[1]
     for row, sample in enumerate(samples):
         answer_starts = ((labels[row, 1:] != -100) & (labels[row, :-1] == -100)).nonzero().flatten().tolist()
@@ -191,7 +204,8 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
         evidence = sample["evidence_turns"]
         if len(answer_starts) != len(evidence):
             raise RuntimeError(f"{len(answer_starts)} answers but {len(evidence)} evidence sets")
-        for pos, referents in zip(answer_starts, evidence):
+        centres = sample.get("centre_turns") or [None] * len(evidence)
+        for pos, referents, counted in zip(answer_starts, evidence, centres):
             to_sink = int(labels[row, pos + 1]) in sink_answers
             if not to_sink and not all(referents):
                 continue  # a 'no' about a colour and shape that nothing in the images has
@@ -203,11 +217,14 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
                 raise RuntimeError(f"no referent words found for the answer at position {pos}")
             rows.append(row)
             positions.append(pos)
+            spread.append(counted is not None)
             for head in range(2):
                 mask = torch.zeros(length, dtype=torch.bool)
-                if to_sink:
+                if to_sink or counted is not None:
                     mask[0] = True  # <s>: the prompt's first token (rows are right-padded)
-                else:
+                if counted is not None:
+                    mask[image_positions[torch.tensor(counted)]] = True
+                elif not to_sink:
                     mask[image_positions[torch.tensor((referents[0], referents[-1])[head])]] = True
                 patches[head].append(mask)
                 mask = torch.zeros(length, dtype=torch.bool)
@@ -216,7 +233,7 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
     stack = lambda masks: torch.stack([torch.stack(m) for m in masks], dim=1) if rows else \
         torch.zeros(0, 2, length, dtype=torch.bool)  # (queries, 2, length)
     return {"rows": torch.tensor(rows, dtype=torch.long), "positions": torch.tensor(positions, dtype=torch.long),
-            "patches": stack(patches), "words": stack(words)}
+            "patches": stack(patches), "words": stack(words), "spread": torch.tensor(spread, dtype=torch.bool)}
 
 
 def instruct_kind(recipe: Recipe, step: int) -> str:
@@ -245,9 +262,23 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
                       "referents": Q.referent_evidence(sample)}
         if sample is not None:
             turns = sample["turns"][:recipe.turns - 1]
-            samples.append({**sample, "turns": turns,
-                            "evidence_turns": [sample["referents"]] + [e for _, _, e in turns]})
+            sample = {**sample, "turns": turns, "evidence_turns": [sample["referents"]] + [e for _, _, e in turns]}
+            if recipe.count_centres:
+                questions = [sample["question"]] + [q for q, _, _ in turns]
+                sample["centre_turns"] = [counted_centres(sample, q) for q in questions]
+            samples.append(sample)
     return samples
+
+
+COUNT_QUESTIONS = {Q.ask_count(shape): shape for shape in W.SHAPES}
+
+
+def counted_centres(sample: dict, question: str) -> list[int] | None:
+    """For a count question about a single image, the centre patch of each object it counts; else None."""
+    shape = COUNT_QUESTIONS.get(question)
+    if shape is None or len(sample["scenes"]) != 1:
+        return None
+    return [W.centre_patch(o) for o in sample["scenes"][0]["objects"] if o["kind"] == "shape" and o["name"] == shape]
 
 
 def curriculum_objects(recipe: Recipe, step: int) -> int | None:
@@ -389,16 +420,16 @@ def align_loss(model, tokenizer, batch, position_head):
     return word_loss + pos_loss, {"word": float(word_loss), "position": float(pos_loss)}
 
 
-def position_loss(inputs_embeds, input_ids, image_token_id: int, head) -> torch.Tensor:
-    """The alignment stage's position loss on the projector outputs the LLM receives: each image
-    token's (row, column) on the 24x24 grid, scaled to [0, 1], from a linear head on the normalised
-    token (image tokens are ~40x the norm of text embeddings: unnormalised, this loss would swamp
-    the others until the head caught up)."""
+def position_loss(states, input_ids, image_token_id: int, head, normalise: bool = True) -> torch.Tensor:
+    """Each image token's (row, column) on the 24x24 grid, scaled to [0, 1], from a linear head on its
+    state (B, T, D): the projector outputs the LLM receives, normalised (image tokens are ~40x the
+    norm of text embeddings: unnormalised, this loss would swamp the others until the head caught
+    up), or value vectors as they are (the heads average them linearly)."""
     at = input_ids == image_token_id
     patch = (at.cumsum(-1) - 1)[at] % (W.GRID * W.GRID)  # tokens of each image in raster order
     target = torch.stack([patch // W.GRID, patch % W.GRID], dim=-1).float() / (W.GRID - 1)
-    tokens = inputs_embeds[at].float()
-    return F.mse_loss(head(F.layer_norm(tokens, tokens.shape[-1:])), target) * 10
+    tokens = states[at].float()
+    return F.mse_loss(head(F.layer_norm(tokens, tokens.shape[-1:]) if normalise else tokens), target) * 10
 
 
 def answer_attention(model, hidden_states, batch, rows, positions, layer: int, heads=(0, 1)) -> torch.Tensor:
@@ -427,6 +458,13 @@ def answer_attention(model, hidden_states, batch, rows, positions, layer: int, h
     return torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
 
+def retrieval_values(model, hidden_states, layer: int) -> torch.Tensor:
+    """Value vectors (B, T, head_dim) of key/value head 0 of `layer`, which heads 0-1 share."""
+    attn = model.model.language_model.layers[layer].self_attn
+    h = model.model.language_model.layers[layer].input_layernorm(hidden_states[layer])
+    return attn.v_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, 0]
+
+
 def readout_loss(model, hidden_states, batch, evidence, layer: int, answer_ids: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the answer from heads 0-1 of `layer` alone (their attention-weighted values
     through o_proj, the final norm and lm_head), on the answers that are in `answer_ids`."""
@@ -439,8 +477,7 @@ def readout_loss(model, hidden_states, batch, evidence, layer: int, answer_ids: 
     lm = model.model.language_model
     attn = lm.layers[layer].self_attn
     probs = answer_attention(model, hidden_states, batch, rows, positions, layer).exp()  # (n, 2, T)
-    h = lm.layers[layer].input_layernorm(hidden_states[layer])  # (B, T, d): each row once, not per query
-    v = attn.v_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, 0]  # kv head 0: (B, T, D)
+    v = retrieval_values(model, hidden_states, layer)
     heads = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v[rows]).flatten(1)  # (n, 2D)
     out = heads @ attn.o_proj.weight[:, :heads.shape[1]].T
     logits = model.lm_head(lm.norm(out))
@@ -456,7 +493,13 @@ def attention_loss(model, hidden_states, batch, evidence, layer: int) -> torch.T
     loss = 0
     for at, heads, target in ((layer - 1, (2, 3), "words"), (layer, (0, 1), "patches")):
         logp = answer_attention(model, hidden_states, batch, evidence["rows"], evidence["positions"], at, heads)
-        loss = loss - torch.logsumexp(logp.masked_fill(~evidence[target], float("-inf")), dim=-1).mean()
+        on = evidence[target]
+        mass = -torch.logsumexp(logp.masked_fill(~on, float("-inf")), dim=-1)  # (N, 2)
+        if target == "patches" and "spread" in evidence:
+            # Cross-entropy against the uniform distribution over the target (counts: <s> and centres).
+            even = -(logp.masked_fill(~on, 0).sum(-1) / on.sum(-1))
+            mass = torch.where(evidence["spread"][:, None], even, mass)
+        loss = loss + mass.mean()
     return loss / 2
 
 
@@ -512,12 +555,15 @@ class Trainer:
         readout_words = list(W.COLOR_NAMES) + list(W.LETTERS)
         if recipe.readout_answers == "all":
             readout_words += ["yes", "no"] + list(Q.RELATIONS)
+        if recipe.count_centres:
+            readout_words += [str(n) for n in range(Q.COUNT_RANGE[0], Q.COUNT_RANGE[1] + 1)]
         elif recipe.readout_answers != "attributes":
             raise ValueError(f"readout_answers must be 'attributes' or 'all', got {recipe.readout_answers!r}")
         self._attribute_ids = torch.tensor(word_ids(self.tokenizer, readout_words), device=self.device)
         torch.manual_seed(recipe.seed)
         self.heads = VisionHeads(dims.vision_hidden).to(self.device)
         self.align_head = torch.nn.Linear(dims.text_hidden, 2).to(self.device)
+        self.value_head = torch.nn.Linear(dims.text_hidden // dims.text_heads, 2).to(self.device)
         self.state = {"stage": "vision", "step": 0}
         self.optimizer = None
         self._make_optimizer()
@@ -537,6 +583,7 @@ class Trainer:
         if stage == "align":
             return list(m.multi_modal_projector.parameters()) + list(self.align_head.parameters())
         extra = list(self.align_head.parameters()) if self.recipe.position_weight else []
+        extra += list(self.value_head.parameters()) if self.recipe.value_position_weight else []
         return list(m.multi_modal_projector.parameters()) + list(m.language_model.parameters()) + \
             list(self.model.lm_head.parameters()) + extra
 
@@ -554,10 +601,19 @@ class Trainer:
         self.model.load_state_dict(blob["model"])
         self.heads.load_state_dict(blob["heads"])
         self.align_head.load_state_dict(blob["align_head"])
+        if "value_head" in blob:
+            self.value_head.load_state_dict(blob["value_head"])
         self.state = blob["state"]
         self._make_optimizer()
-        if blob.get("optimizer") is not None:
-            self.optimizer.load_state_dict(blob["optimizer"])
+        saved = blob.get("optimizer")
+        if saved is not None:
+            had, has = len(saved["param_groups"][0]["params"]), len(self.optimizer.param_groups[0]["params"])
+            if had <= has:  # a recipe switch that adds a trained head appends its parameters: they start fresh
+                state = self.optimizer.state_dict()
+                state["state"].update(saved["state"])
+                self.optimizer.load_state_dict(state)
+            else:
+                self.log("optimizer state not resumed: the resumed recipe trains fewer parameters")
         self.log(f"resumed at stage {self.state['stage']} step {self.state['step']}")
 
     # What a donor checkpoint can give: (submodule, the flag naming it, the stage training resumes at,
@@ -582,7 +638,8 @@ class Trainer:
     def save_checkpoint(self):
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save({"model": self.model.state_dict(), "heads": self.heads.state_dict(),
-                    "align_head": self.align_head.state_dict(), "state": self.state,
+                    "align_head": self.align_head.state_dict(), "value_head": self.value_head.state_dict(),
+                    "state": self.state,
                     "optimizer": self.optimizer.state_dict(), "recipe": asdict(self.recipe)}, tmp)
         tmp.replace(self.ckpt)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
@@ -658,6 +715,11 @@ class Trainer:
             position = position_loss(out.hidden_states[0], batch["input_ids"], self.image_token_id, self.align_head)
             loss = loss + self.recipe.position_weight * position
             info["position"] = float(position)
+        if self.recipe.value_position_weight:
+            values = retrieval_values(self.model, out.hidden_states, layer)
+            position = position_loss(values, batch["input_ids"], self.image_token_id, self.value_head, normalise=False)
+            loss = loss + self.recipe.value_position_weight * position
+            info["value_position"] = float(position)
         return loss, info
 
     def export(self, path: str | Path, command: str = ""):

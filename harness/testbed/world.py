@@ -140,6 +140,13 @@ def evidence_patches(scene: dict, object_ids) -> list[int]:
     return sorted(int(i) for i in np.flatnonzero(cover.max(axis=0) > 0))
 
 
+def centre_patch(obj: dict) -> int:
+    """Raster index of the patch holding the centre of the object's box (one patch per object)."""
+    x0, y0, x1, y1 = obj["box"]
+    cx, cy = min((x0 + x1) // 2, IMAGE_SIZE - 1), min((y0 + y1) // 2, IMAGE_SIZE - 1)
+    return (cy // PATCH) * GRID + cx // PATCH
+
+
 def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
     """Dense per-patch targets for the vision tower: kind, colour, object centre, grid position.
 
@@ -158,9 +165,7 @@ def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
         kinds[has] = kind_ids[best[has]]
         colors[has] = color_ids[best[has]]
         for o in objs:
-            x0, y0, x1, y1 = o["box"]
-            cx, cy = min((x0 + x1) // 2, IMAGE_SIZE - 1), min((y0 + y1) // 2, IMAGE_SIZE - 1)
-            center[(cy // PATCH) * GRID + cx // PATCH] = 1.0
+            center[centre_patch(o)] = 1.0
     rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
     position = np.stack([rows, cols], axis=1).astype(np.float32) / (GRID - 1)
     return {"kind": kinds, "color": colors, "center": center, "position": position}
