@@ -242,3 +242,25 @@ def test_every_answer_word_is_one_token():
     tok = AutoProcessor.from_pretrained(M.CHECKPOINT).tokenizer
     answers = ["yes", "no", "left", "right", "above", "below", *map(str, range(1, 5)), *W.COLOR_NAMES, *W.LETTERS]
     assert [a for a in answers if len(tok(" " + a, add_special_tokens=False)["input_ids"]) != 1] == []
+
+
+def test_retrieval_probe_measures_the_heads_attention_and_read_out():
+    """The diagnosis behind TRAINING.md's per-family tables: its target mass equals the model's own
+    eager attention on the question's evidence, and its read-out accuracy is a share of questions."""
+    from harness.testbed import retrieval_probe as RP
+
+    model, processor = M.build_model(M.TINY)
+    model.set_attn_implementation("eager")
+    result = RP.probe(model, processor, "color", 3)
+    sample = Q.make_sample("validation", "color", 0)
+    batch = T.collate([{**sample, "turns": [], "evidence_turns": [Q.referent_evidence(sample)]}],
+                      processor.tokenizer, model.config.image_token_id, sink_for_absent=True)
+    ev = batch.pop("evidence")
+    additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], -1e30)
+    with torch.no_grad():
+        out = model(**{**batch, "attention_mask": additive}, output_attentions=True)
+    own = float((out.attentions[1][0, 0, int(ev["positions"][0])] * ev["patches"][0, 0]).sum())
+    first = RP.probe(model, processor, "color", 1)
+    assert first["questions"] == 1 and abs(first["target_head0"] - own) < 1e-5
+    assert result["questions"] == 3 and 0 <= result["readout_accuracy"] <= 1
+    assert 0 <= result["sink_head0"] <= 1 - result["target_head0"] + 1e-6  # colour targets exclude <s>
