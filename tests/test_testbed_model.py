@@ -264,3 +264,15 @@ def test_retrieval_probe_measures_the_heads_attention_and_read_out():
     assert first["questions"] == 1 and abs(first["target_head0"] - own) < 1e-5
     assert result["questions"] == 3 and 0 <= result["readout_accuracy"] <= 1
     assert 0 <= result["sink_head0"] <= 1 - result["target_head0"] + 1e-6  # colour targets exclude <s>
+
+
+def test_readout_words_cover_the_recipes_answers():
+    """`--readout-answers all` works with and without counts; counts only join with the count target;
+    an unknown choice is refused."""
+    attributes = T.readout_words("attributes")
+    assert set(attributes) == set(W.COLOR_NAMES) | set(W.LETTERS)
+    assert set(T.readout_words("all")) == set(attributes) | {"yes", "no", *Q.RELATIONS}
+    assert set(T.readout_words("all", counts=True)) - set(T.readout_words("all")) == {"1", "2", "3", "4"}
+    assert "3" in T.readout_words("attributes", counts=True)
+    with pytest.raises(ValueError, match="'attributes' or 'all'"):
+        T.readout_words("everything", counts=True)

@@ -16,7 +16,6 @@ import torch
 
 from . import questions as Q
 from . import train as T
-from . import world as W
 
 FAMILIES = ("exist", "count", "color", "spatial", "text", "video")
 LAYER = 1
@@ -25,17 +24,13 @@ LAYER = 1
 @torch.no_grad()
 def probe(model, processor, family: str, n: int, batch_size: int = 8) -> dict[str, float]:
     tok, image_id = processor.tokenizer, model.config.image_token_id
-    answers = list(W.COLOR_NAMES) + list(W.LETTERS) + ["yes", "no"] + list(Q.RELATIONS) + \
-        [str(k) for k in range(Q.COUNT_RANGE[0], Q.COUNT_RANGE[1] + 1)]
-    answer_ids = torch.tensor(T.word_ids(tok, answers))
+    answer_ids = torch.tensor(T.word_ids(tok, T.readout_words("all", counts=True)))
     samples = []
     for i in range(n):
         s = Q.make_sample("validation", family, i)
         samples.append({**s, "turns": [], "evidence_turns": [Q.referent_evidence(s)],
                         "centre_turns": [T.counted_centres(s, s["question"])]})
     target, sink, right = [], [], []
-    lm = model.model.language_model
-    o_proj = lm.layers[LAYER].self_attn.o_proj
     for start in range(0, n, batch_size):
         batch = T.collate(samples[start:start + batch_size], tok, image_id, sink_for_absent=True)
         ev = batch.pop("evidence")
@@ -43,9 +38,7 @@ def probe(model, processor, family: str, n: int, batch_size: int = 8) -> dict[st
         logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)  # (N, 2, T)
         target.append(torch.logsumexp(logp.masked_fill(~ev["patches"], float("-inf")), -1).exp())
         sink.append(logp[:, :, 0].exp())
-        values = T.retrieval_values(model, out.hidden_states, LAYER)
-        heads = torch.einsum("nht,ntd->nhd", logp.exp(), values[ev["rows"]]).flatten(1)
-        logits = model.lm_head(lm.norm(heads @ o_proj.weight[:, :heads.shape[1]].T))[:, answer_ids]
+        logits = T.retrieval_logits(model, out.hidden_states, logp.exp(), ev["rows"], LAYER)[:, answer_ids]
         right.append(answer_ids[logits.argmax(-1)] == batch["labels"][ev["rows"], ev["positions"] + 1])
     target, sink, right = torch.cat(target), torch.cat(sink), torch.cat(right).float()
     return {"questions": len(right), "target_head0": float(target[:, 0].mean()), "target_head1": float(target[:, 1].mean()),

@@ -220,11 +220,12 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
             spread.append(counted is not None)
             for head in range(2):
                 mask = torch.zeros(length, dtype=torch.bool)
-                if to_sink or counted is not None:
-                    mask[0] = True  # <s>: the prompt's first token (rows are right-padded)
-                if counted is not None:
+                if counted is not None:  # <s> and the counted centres
+                    mask[0] = True
                     mask[image_positions[torch.tensor(counted)]] = True
-                elif not to_sink:
+                elif to_sink:
+                    mask[0] = True  # <s>: the prompt's first token (rows are right-padded)
+                else:
                     mask[image_positions[torch.tensor((referents[0], referents[-1])[head])]] = True
                 patches[head].append(mask)
                 mask = torch.zeros(length, dtype=torch.bool)
@@ -465,6 +466,28 @@ def retrieval_values(model, hidden_states, layer: int) -> torch.Tensor:
     return attn.v_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, 0]
 
 
+def retrieval_logits(model, hidden_states, probs, rows, layer: int) -> torch.Tensor:
+    """Vocabulary logits of heads 0-1 of `layer` alone, given their attention `probs` (n, 2, T) in
+    batch `rows`: their attention-weighted values through o_proj, the final norm and lm_head."""
+    lm = model.model.language_model
+    v = retrieval_values(model, hidden_states, layer)
+    heads = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v[rows]).flatten(1)  # (n, 2D)
+    return model.lm_head(lm.norm(heads @ lm.layers[layer].self_attn.o_proj.weight[:, :heads.shape[1]].T))
+
+
+def readout_words(answers: str, counts: bool = False) -> list[str]:
+    """The answers the read-out loss covers: "attributes" (colours, letters) or "all" (also yes/no and
+    the relations), plus the counts when the count target makes them readable from the heads."""
+    if answers not in ("attributes", "all"):
+        raise ValueError(f"readout_answers must be 'attributes' or 'all', got {answers!r}")
+    words = list(W.COLOR_NAMES) + list(W.LETTERS)
+    if answers == "all":
+        words += ["yes", "no"] + list(Q.RELATIONS)
+    if counts:
+        words += [str(n) for n in range(Q.COUNT_RANGE[0], Q.COUNT_RANGE[1] + 1)]
+    return words
+
+
 def readout_loss(model, hidden_states, batch, evidence, layer: int, answer_ids: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the answer from heads 0-1 of `layer` alone (their attention-weighted values
     through o_proj, the final norm and lm_head), on the answers that are in `answer_ids`."""
@@ -474,14 +497,8 @@ def readout_loss(model, hidden_states, batch, evidence, layer: int, answer_ids: 
     if not bool(use.any()):
         return hidden_states[0].sum() * 0
     rows, positions, answers = rows[use], positions[use], answers[use]
-    lm = model.model.language_model
-    attn = lm.layers[layer].self_attn
     probs = answer_attention(model, hidden_states, batch, rows, positions, layer).exp()  # (n, 2, T)
-    v = retrieval_values(model, hidden_states, layer)
-    heads = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v[rows]).flatten(1)  # (n, 2D)
-    out = heads @ attn.o_proj.weight[:, :heads.shape[1]].T
-    logits = model.lm_head(lm.norm(out))
-    return F.cross_entropy(logits.float(), answers)
+    return F.cross_entropy(retrieval_logits(model, hidden_states, probs, rows, layer).float(), answers)
 
 
 def attention_loss(model, hidden_states, batch, evidence, layer: int) -> torch.Tensor:
@@ -495,7 +512,7 @@ def attention_loss(model, hidden_states, batch, evidence, layer: int) -> torch.T
         logp = answer_attention(model, hidden_states, batch, evidence["rows"], evidence["positions"], at, heads)
         on = evidence[target]
         mass = -torch.logsumexp(logp.masked_fill(~on, float("-inf")), dim=-1)  # (N, 2)
-        if target == "patches" and "spread" in evidence:
+        if target == "patches":
             # Cross-entropy against the uniform distribution over the target (counts: <s> and centres).
             even = -(logp.masked_fill(~on, 0).sum(-1) / on.sum(-1))
             mass = torch.where(evidence["spread"][:, None], even, mass)
@@ -552,14 +569,8 @@ class Trainer:
         self.model.to(self.device).train()
         self.tokenizer = self.processor.tokenizer
         self.image_token_id = self.model.config.image_token_id
-        readout_words = list(W.COLOR_NAMES) + list(W.LETTERS)
-        if recipe.readout_answers == "all":
-            readout_words += ["yes", "no"] + list(Q.RELATIONS)
-        if recipe.count_centres:
-            readout_words += [str(n) for n in range(Q.COUNT_RANGE[0], Q.COUNT_RANGE[1] + 1)]
-        elif recipe.readout_answers != "attributes":
-            raise ValueError(f"readout_answers must be 'attributes' or 'all', got {recipe.readout_answers!r}")
-        self._attribute_ids = torch.tensor(word_ids(self.tokenizer, readout_words), device=self.device)
+        words = readout_words(recipe.readout_answers, counts=recipe.count_centres)
+        self._attribute_ids = torch.tensor(word_ids(self.tokenizer, words), device=self.device)
         torch.manual_seed(recipe.seed)
         self.heads = VisionHeads(dims.vision_hidden).to(self.device)
         self.align_head = torch.nn.Linear(dims.text_hidden, 2).to(self.device)
