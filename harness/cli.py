@@ -10,6 +10,16 @@ import sys
 DEFAULT_LIMIT = 30
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _testbed_train(args) -> int:
     from .testbed import train as T
 
@@ -20,6 +30,8 @@ def _testbed_train(args) -> int:
                 "value_position_weight"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
+    if args.rope_theta is not None:
+        recipe.dims = {**recipe.dims, "rope_theta": args.rope_theta}
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
     trainer.run()
     trainer.export(args.output, command=" ".join(["harness"] + sys.argv[1:]))
@@ -229,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--position-weight", dest="position_weight", type=float,
                        help="weight of a loss keeping each image token's grid position readable from the "
                             "projector output during instruction tuning (0 turns it off)")
+    train.add_argument("--rope-theta", dest="rope_theta", type=_positive_float,
+                       help="RoPE base of the decoder (default 10000); with --init-from, the weights are kept "
+                            "and only the rotation changes")
     train.add_argument("--init-from", dest="init_from",
                        help="take every weight from this llava-hf checkpoint and continue instruction tuning")
     train.add_argument("--turns", type=int, help="questions per training conversation")

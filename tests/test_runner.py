@@ -56,6 +56,15 @@ def test_cli_errors_have_no_traceback(tmp_path):
         assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_non_positive_rope_base_is_refused_before_training(tmp_path, capsys):
+    for bad in ("0", "-1e4", "ten"):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"), f"--rope-theta={bad}"])
+        assert stop.value.code == 2
+        assert "--rope-theta: expected a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
     assert cli.main(["run", "--tasks", "testbed_nope", "--model", str(tiny_llava_dir),
                      "--output", str(tmp_path / "out")]) == 2

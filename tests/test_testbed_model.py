@@ -276,3 +276,60 @@ def test_readout_words_cover_the_recipes_answers():
     assert "3" in T.readout_words("attributes", counts=True)
     with pytest.raises(ValueError, match="'attributes' or 'all'"):
         T.readout_words("everything", counts=True)
+
+
+def _tiny_recipe(**changes):
+    from dataclasses import asdict
+
+    settings = dict(dims=asdict(M.TINY), vision_steps=1, vision_batch=2, align_steps=1, align_batch=2,
+                    instruct_steps=3, single_batch=2, multi_batch=1, video_batch=1, cycle=3, multi_slots=(1,),
+                    video_slots=(2,), turns=2, curriculum_steps=0, eval_every=1000, checkpoint_every=1,
+                    attention_weight=1.0, readout_weight=1.0, readout_answers="all", sink_for_absent=True,
+                    count_centres=True, position_weight=1.0, value_position_weight=1.0)
+    return T.Recipe(**{**settings, **changes})
+
+
+def test_training_runs_every_stage_and_init_from_keeps_weights_under_a_new_rope_base(tmp_path):
+    """Three stages end to end on the tiny dims, then `--init-from` with `--rope-theta`: every weight
+    is taken as it is, only the rotation changes, and the exported model says so in its config."""
+    first = T.Trainer(tmp_path / "a", _tiny_recipe(), log=lambda *_: None)
+    first.run()
+    first.export(tmp_path / "m1", command="test")
+    donor = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m1")
+    assert donor.config.text_config.rope_parameters["rope_theta"] == 10000.0
+
+    recipe = _tiny_recipe(init_from=str(tmp_path / "m1"), instruct_steps=1)
+    recipe.dims = {**recipe.dims, "rope_theta": 1e6}
+    second = T.Trainer(tmp_path / "b", recipe, log=lambda *_: None)
+    assert second.state == {"stage": "instruct", "step": 0}
+    taken, given = second.model.state_dict(), donor.state_dict()
+    assert taken.keys() == given.keys() and all(torch.equal(taken[k], given[k]) for k in given)
+    inv_freq = second.model.model.language_model.rotary_emb.inv_freq
+    assert torch.allclose(inv_freq, 1.0 / 1e6 ** (torch.arange(0, inv_freq.numel() * 2, 2).float() / (2 * inv_freq.numel())))
+    second.run()
+    second.export(tmp_path / "m2")
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m2")
+    assert again.config.text_config.rope_parameters["rope_theta"] == 1e6
+    assert torch.equal(again.model.language_model.rotary_emb.inv_freq, inv_freq)
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    whole = T.Trainer(tmp_path / "whole", _tiny_recipe(), log=lambda *_: None)
+    whole.run()
+
+    real_lr_at = T.lr_at
+
+    def killed_at_instruct_step_2(step, total, peak, warmup):
+        if total == 3 and step == 2:
+            raise KeyboardInterrupt
+        return real_lr_at(step, total, peak, warmup)
+
+    monkeypatch.setattr(T, "lr_at", killed_at_instruct_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        T.Trainer(tmp_path / "cut", _tiny_recipe(), log=lambda *_: None).run()
+    monkeypatch.setattr(T, "lr_at", real_lr_at)
+    resumed = T.Trainer(tmp_path / "cut", _tiny_recipe(), log=lambda *_: None)
+    assert resumed.state == {"stage": "instruct", "step": 2}
+    resumed.run()
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

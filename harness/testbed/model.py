@@ -57,6 +57,9 @@ class ModelDims:
     text_intermediate: int = 352
     vocab_size: int = 512  # the BPE stops at 460: every answer word is one token (tested)
     max_positions: int = 8192
+    # RoPE base. Content matching (a question's colour and shape against a patch's) can only use the
+    # slowly rotating key dimensions; a larger base leaves more of them (TRAINING.md, instruct_5).
+    rope_theta: float = 10000.0
 
 
 TINY = ModelDims(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
@@ -121,6 +124,7 @@ def build_config(dims: ModelDims, tokenizer):
         num_key_value_heads=dims.text_kv_heads, max_position_embeddings=dims.max_positions,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": dims.rope_theta},
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),

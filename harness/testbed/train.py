@@ -392,7 +392,7 @@ def vision_loss(model, heads, batch):
     }
     centre = t["center"] > 0
     kind_acc = (kind_logits.argmax(-1) == t["kind"])[centre].float().mean()
-    return sum(losses.values()), {**{k: float(v) for k, v in losses.items()}, "kind_acc_centre": float(kind_acc)}
+    return sum(losses.values()), {**{k: float(v.detach()) for k, v in losses.items()}, "kind_acc_centre": float(kind_acc)}
 
 
 def word_ids(tokenizer, words):
