@@ -27,9 +27,11 @@ def _testbed_train(args) -> int:
     for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps",
                 "attention_weight", "readout_weight", "readout_answers", "sink_for_absent", "turns", "vision_from",
                 "init_from", "position_weight", "single_batch", "eval_every", "count_centres",
-                "value_position_weight"):
+                "value_position_weight", "key_attribute_weight"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
+    if args.rope_theta is None and recipe.init_from:
+        args.rope_theta = T.rope_theta_of(recipe.init_from)  # continue under the donor's rotation
     if args.rope_theta is not None:
         recipe.dims = {**recipe.dims, "rope_theta": args.rope_theta}
     trainer = T.Trainer(args.workdir, recipe, device=args.device)
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--value-position-weight", dest="value_position_weight", type=float,
                        help="weight of a loss keeping each image token's grid position readable from the "
                             "retrieval heads' value vectors (0 turns it off)")
+    train.add_argument("--key-attribute-weight", dest="key_attribute_weight", type=float,
+                       help="weight of a loss keeping each colour and kind retrievable from the retrieval "
+                            "heads' keys by a free query (0 turns it off)")
     train.add_argument("--position-weight", dest="position_weight", type=float,
                        help="weight of a loss keeping each image token's grid position readable from the "
                             "projector output during instruction tuning (0 turns it off)")

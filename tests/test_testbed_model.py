@@ -285,7 +285,7 @@ def _tiny_recipe(**changes):
                     instruct_steps=3, single_batch=2, multi_batch=1, video_batch=1, cycle=3, multi_slots=(1,),
                     video_slots=(2,), turns=2, curriculum_steps=0, eval_every=1000, checkpoint_every=1,
                     attention_weight=1.0, readout_weight=1.0, readout_answers="all", sink_for_absent=True,
-                    count_centres=True, position_weight=1.0, value_position_weight=1.0)
+                    count_centres=True, position_weight=1.0, value_position_weight=1.0, key_attribute_weight=1.0)
     return T.Recipe(**{**settings, **changes})
 
 
@@ -333,3 +333,35 @@ def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path, monke
     resumed.run()
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_keys_are_the_keys_at_each_images_tokens_and_targets_follow_the_images():
+    model, processor = M.build_model(M.TINY, seed=0)
+    sample = Q.make_sample("train", "multi_image", 0)
+    sample = {**sample, "turns": [], "evidence_turns": [Q.referent_evidence(sample)]}
+    batch = T.collate([sample, Q.make_sample("train", "color", 1) | {"turns": [], "evidence_turns": [[[]]]}],
+                      processor.tokenizer, model.config.image_token_id)
+    batch.pop("evidence")
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+        keys, cos, sin = T.image_keys(model, out.hidden_states, batch, model.config.image_token_id, 1)
+    n_images = len(sample["scenes"]) + 1
+    assert keys.shape == (n_images, 576, model.config.text_config.head_dim) and cos.shape[0] == n_images
+    # The keys the answer-attention recomputation scores, at the second image's tokens of row 0.
+    image = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()[576:1152]
+    last = int(batch["position_ids"][0].argmax())
+    logp = T.answer_attention(model, out.hidden_states, batch, torch.tensor([0]), torch.tensor([last]), 1)
+    q = model.model.language_model.layers[1].self_attn.q_proj(
+        model.model.language_model.layers[1].input_layernorm(out.hidden_states[1])[0, last]).view(-1, keys.shape[-1])[0]
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, _ = apply_rotary_pos_emb(q[None, None], q[None, None], cos[1][None], sin[1][None], unsqueeze_dim=1)
+    scores = keys[1] @ q[0, 0] * model.model.language_model.layers[1].self_attn.scaling
+    assert torch.allclose(torch.log_softmax(scores, -1), torch.log_softmax(logp[0, 0, image], -1), atol=1e-5)
+    # Each image's colour targets are its own objects' patches.
+    targets = T.attribute_targets([sc for sc in sample["scenes"]])
+    for scene, target in zip(sample["scenes"], targets):
+        for colour in {o["color"] for o in scene["objects"]}:
+            c = W.COLOR_CLASSES.index(colour) - 1
+            ids = [i for i, o in enumerate(scene["objects"]) if o["color"] == colour]
+            assert set(target[c].nonzero().flatten().tolist()) <= set(W.evidence_patches(scene, ids))
+            assert target[c].any()
