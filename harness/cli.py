@@ -27,7 +27,7 @@ def _testbed_train(args) -> int:
     for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps",
                 "attention_weight", "readout_weight", "readout_answers", "sink_for_absent", "turns", "vision_from",
                 "init_from", "position_weight", "single_batch", "eval_every", "count_centres",
-                "value_position_weight", "key_attribute_weight"):
+                "value_position_weight", "key_attribute_weight", "spread_words"):
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     if args.rope_theta is None and recipe.init_from:
@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--value-position-weight", dest="value_position_weight", type=float,
                        help="weight of a loss keeping each image token's grid position readable from the "
                             "retrieval heads' value vectors (0 turns it off)")
+    train.add_argument("--spread-words", dest="spread_words", action="store_const", const=True,
+                       help="teach layer 0's heads 2-3 to spread evenly over the words naming a referent "
+                            "(its colour and its shape), not only to look at them")
     train.add_argument("--key-attribute-weight", dest="key_attribute_weight", type=float,
                        help="weight of a loss keeping each colour and kind retrievable from the retrieval "
                             "heads' keys by a free query (0 turns it off)")

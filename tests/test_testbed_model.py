@@ -285,7 +285,8 @@ def _tiny_recipe(**changes):
                     instruct_steps=3, single_batch=2, multi_batch=1, video_batch=1, cycle=3, multi_slots=(1,),
                     video_slots=(2,), turns=2, curriculum_steps=0, eval_every=1000, checkpoint_every=1,
                     attention_weight=1.0, readout_weight=1.0, readout_answers="all", sink_for_absent=True,
-                    count_centres=True, position_weight=1.0, value_position_weight=1.0, key_attribute_weight=1.0)
+                    count_centres=True, position_weight=1.0, value_position_weight=1.0, key_attribute_weight=1.0,
+                    spread_words=True)
     return T.Recipe(**{**settings, **changes})
 
 
@@ -365,3 +366,27 @@ def test_image_keys_are_the_keys_at_each_images_tokens_and_targets_follow_the_im
             ids = [i for i, o in enumerate(scene["objects"]) if o["color"] == colour]
             assert set(target[c].nonzero().flatten().tolist()) <= set(W.evidence_patches(scene, ids))
             assert target[c].any()
+
+
+def test_retrieval_probe_match_logits_and_key_retrieval_report_what_they_say():
+    from harness.testbed import retrieval_probe as RP
+
+    model, processor = M.build_model(M.TINY)
+    groups = RP.match_logits(model, processor, 2)
+    assert {"target", "<s>"} <= set(groups) and all(h0 <= 0 and h1 <= 0 for h0, h1 in groups.values())
+    masses = RP.key_retrieval(model, processor, n_fit=4, n_eval=4, steps=3)
+    assert set(masses) == {"colour", "shape", "letter"}
+    assert all(0 < m <= 1 for m in masses.values() if m == m)
+
+
+def test_target_loss_mass_or_spread():
+    logp = torch.log(torch.tensor([[[0.98, 0.01, 0.01], [0.5, 0.5, 1e-9]]]))  # (1 question, 2 heads, 3 tokens)
+    on = torch.tensor([[[True, True, False], [True, True, False]]])
+    mass = T.target_loss(logp, on, False)
+    assert torch.allclose(mass, -torch.log(torch.tensor([[0.99, 1.0]])), atol=1e-6)  # all on one word: fine
+    spread = T.target_loss(logp, on, True)
+    assert torch.allclose(spread, torch.tensor([[-(0.5 * (torch.log(torch.tensor(0.98)) + torch.log(torch.tensor(0.01)))),
+                                                 float(torch.log(torch.tensor(2.0)))]]), atol=1e-6)
+    assert spread[0, 0] > 2 > spread[0, 1]  # one word ignored costs; an even split is the minimum
+    per_question = T.target_loss(logp.expand(2, -1, -1), on.expand(2, -1, -1), torch.tensor([False, True]))
+    assert torch.allclose(per_question, torch.cat([mass, spread]))

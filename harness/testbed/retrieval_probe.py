@@ -5,6 +5,12 @@ the share of their attention on the question's target (its referents' patches; <
 with counted centres, for a count), the share on <s>, and whether their output alone, through
 o_proj, the final norm and lm_head restricted to the answer words, names the answer.
 
+Two more views of why existence fails (TRAINING.md, instruct_5-6): on questions whose answer is
+"yes", the heads' mean log-attention per patch of the target, of objects sharing only its colour or
+only its shape, and of the rest (`match_logits`); and how well the heads' keys can be searched by
+colour and by shape at all: a free query per colour and per kind, fitted on training scenes, and the
+attention mass it puts on that attribute's patches in validation scenes (`key_retrieval`).
+
     python -m harness.testbed.retrieval_probe [MODEL] [N]      # N validation questions per family
 """
 
@@ -16,6 +22,7 @@ import torch
 
 from . import questions as Q
 from . import train as T
+from . import world as W
 
 FAMILIES = ("exist", "count", "color", "spatial", "text", "video")
 LAYER = 1
@@ -45,6 +52,71 @@ def probe(model, processor, family: str, n: int, batch_size: int = 8) -> dict[st
             "sink_head0": float(sink[:, 0].mean()), "readout_accuracy": float(right.mean())}
 
 
+@torch.no_grad()
+def match_logits(model, processor, n: int) -> dict[str, tuple[float, float]]:
+    """Mean log-attention per patch of heads 0-1 (averaged per object, then over objects) on n
+    validation existence questions answered "yes", by how the object matches the question."""
+    tok, image_id = processor.tokenizer, model.config.image_token_id
+    groups = {"target": [], "colour only": [], "shape only": [], "neither": [], "<s>": []}
+    index = 0
+    while len(groups["<s>"]) < n:
+        s = Q.make_sample("validation", "exist", index)
+        index += 1
+        if s["answer"] != "yes":
+            continue
+        colour, shape = s["question"].split()[3:5]
+        batch = T.collate([{**s, "turns": [], "evidence_turns": [Q.referent_evidence(s)]}], tok, image_id)
+        ev = batch.pop("evidence")
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+        logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)[0]
+        image = (batch["input_ids"][0] == image_id).nonzero().flatten()
+        scene = s["scenes"][0]
+        for i, obj in enumerate(scene["objects"]):
+            same = (obj["color"] == colour, obj["name"] == shape)
+            group = {(True, True): "target", (True, False): "colour only", (False, True): "shape only"}.get(same, "neither")
+            groups[group].append(logp[:, image[W.evidence_patches(scene, [i])]].mean(-1))
+        groups["<s>"].append(logp[:, 0])
+    return {g: tuple(float(x) for x in torch.stack(v).mean(0)) for g, v in groups.items() if v}
+
+
+def _image_keys(model, processor, split: str, n: int, batch_size: int = 8):
+    tok, image_id = processor.tokenizer, model.config.image_token_id
+    samples = [{**s, "turns": [], "evidence_turns": [[[]]]} for s in
+               (Q.make_sample(split, ("exist", "text")[i % 2], i) for i in range(n))]  # text: letters
+    keys, cos, sin, targets = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            chunk = samples[start:start + batch_size]
+            batch = T.collate(chunk, tok, image_id)
+            out = model(**{k: v for k, v in batch.items() if k not in ("labels", "evidence")}, output_hidden_states=True)
+            for part, x in zip((keys, cos, sin), T.image_keys(model, out.hidden_states, batch, image_id, LAYER)):
+                part.append(x)
+            targets.append(T.attribute_targets([s["scenes"][0] for s in chunk]))
+    return [torch.cat(x) for x in (keys, cos, sin, targets)]
+
+
+def key_retrieval(model, processor, n_fit: int = 160, n_eval: int = 48, steps: int = 300) -> dict[str, float]:
+    """Mean attention mass (geometric, over validation images and the attributes they show) that a free
+    query per colour / shape / letter puts on that attribute's patches, through the retrieval heads' keys."""
+    scaling = model.model.language_model.layers[LAYER].self_attn.scaling
+    fit, held = _image_keys(model, processor, "train", n_fit), _image_keys(model, processor, "validation", n_eval)
+    queries = torch.zeros(fit[3].shape[1], fit[0].shape[-1], requires_grad=True)
+    optimizer = torch.optim.Adam([queries], lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (-T.attribute_log_mass(*fit[:3], queries, fit[3], scaling)[fit[3].any(-1)].mean()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        mass = T.attribute_log_mass(*held[:3], queries, held[3], scaling)
+    colours, shapes = len(W.COLOR_CLASSES) - 1, len(W.SHAPES)
+    spans = {"colour": slice(0, colours), "shape": slice(colours, colours + shapes), "letter": slice(colours + shapes, None)}
+    out = {}
+    for name, span in spans.items():
+        m = mass[:, span][held[3][:, span].any(-1)]
+        out[name] = float(m.mean().exp()) if len(m) else float("nan")
+    return out
+
+
 def main(argv: list[str]) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -59,6 +131,12 @@ def main(argv: list[str]) -> None:
         r = probe(model, processor, family, n)
         print(f"| {family} | {r['target_head0']:.2f} / {r['target_head1']:.2f} | {r['sink_head0']:.2f} | "
               f"{r['readout_accuracy']:.2f} |")
+    print("\nExistence questions answered yes: mean log-attention per patch (head 0 / 1)\n\n| object | head 0 | head 1 |\n|---|---|---|")
+    for group, (h0, h1) in match_logits(model, processor, n).items():
+        print(f"| {group} | {h0:.2f} | {h1:.2f} |")
+    r = key_retrieval(model, processor)
+    print("\nKeys searched by one attribute (free query per value; mass on its patches, validation scenes)\n")
+    print("| colour | shape | letter |\n|---|---|---|\n" + f"| {r['colour']:.2f} | {r['shape']:.2f} | {r['letter']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,11 @@ class Recipe:
     # colour's (kind's) patches. The shipped keys retrieve a shape with 0.95 of the mass but a colour
     # with 0.51, so "a red circle" matched shape only and existence stayed at chance (TRAINING.md).
     key_attribute_weight: float = 0.0
+    # Layer 0's heads 2-3 spread their attention evenly over the words naming a referent ("red",
+    # "circle") instead of merely putting it on them: with the mass target alone they took only the
+    # shape word, so the answer position never learned the colour asked about (a linear probe of it
+    # there: 7.5%, chance 12.5%; of the shape: 100%) and "a red circle" was searched as "a circle".
+    spread_words: bool = False
     # A llava-hf checkpoint whose every weight is taken (stages 1-2 skipped): instruction tuning
     # continues from it.
     init_from: str | None = None
@@ -514,19 +519,24 @@ def image_keys(model, hidden_states, batch, image_token_id: int, layer: int):
     return keys, cos[rows, last], sin[rows, last]
 
 
+def attribute_log_mass(keys, cos, sin, queries, targets, scaling: float) -> torch.Tensor:
+    """(images, attributes) log attention mass that each attribute's free query (`queries`, rotated by
+    each image's (cos, sin)) puts on that attribute's patches (`targets`, (images, attributes, 576));
+    -inf where the image does not show the attribute."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q = queries[None].expand(len(keys), -1, -1)
+    q, _ = apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=1)  # (images, attributes, head_dim)
+    logp = torch.log_softmax(torch.einsum("nad,npd->nap", q.float(), keys.float()) * scaling, dim=-1)
+    return torch.logsumexp(logp.masked_fill(~targets, float("-inf")), dim=-1)
+
+
 def key_attribute_loss(model, hidden_states, batch, targets, queries, image_token_id: int, layer: int):
     """-log(attention mass on the patches of each colour and kind an image shows), for one free query
     per colour and kind (`queries`: (colours + kinds, head_dim)) against the retrieval heads' keys."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     keys, cos, sin = image_keys(model, hidden_states, batch, image_token_id, layer)
-    q = queries[None].expand(len(keys), -1, -1)
-    q, _ = apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=1)  # (images, attributes, head_dim)
     scaling = model.model.language_model.layers[layer].self_attn.scaling
-    logp = torch.log_softmax(torch.einsum("nad,npd->nap", q.float(), keys.float()) * scaling, dim=-1)
-    present = targets.any(-1)
-    mass = -torch.logsumexp(logp.masked_fill(~targets, float("-inf")), dim=-1)
-    return mass[present].mean()
+    return -attribute_log_mass(keys, cos, sin, queries, targets, scaling)[targets.any(-1)].mean()
 
 
 def readout_words(answers: str, counts: bool = False) -> list[str]:
@@ -555,22 +565,27 @@ def readout_loss(model, hidden_states, batch, evidence, layer: int, answer_ids: 
     return F.cross_entropy(retrieval_logits(model, hidden_states, probs, rows, layer).float(), answers)
 
 
-def attention_loss(model, hidden_states, batch, evidence, layer: int) -> torch.Tensor:
+def target_loss(logp: torch.Tensor, on: torch.Tensor, spread: torch.Tensor | bool) -> torch.Tensor:
+    """Per (question, head): -log(attention mass on the target `on`), or, where `spread`, the
+    cross-entropy against the uniform distribution over the target (every target token its share)."""
+    mass = -torch.logsumexp(logp.masked_fill(~on, float("-inf")), dim=-1)
+    even = -(logp.masked_fill(~on, 0).sum(-1) / on.sum(-1))
+    spread = torch.as_tensor(spread, device=logp.device)
+    return torch.where(spread[:, None] if spread.dim() else spread, even, mass)
+
+
+def attention_loss(model, hidden_states, batch, evidence, layer: int, spread_words: bool = False) -> torch.Tensor:
     """-log(attention mass on the target) at each answer position, for two pairs of heads: in
-    `layer - 1`, heads 2-3 gather the words naming the question's referents; in `layer`, heads 0-1
-    look at the referents' evidence patches."""
+    `layer - 1`, heads 2-3 gather the words naming the question's referents (with `spread_words`,
+    each word its share); in `layer`, heads 0-1 look at the referents' evidence patches (counts: <s>
+    and the counted centres, each its share)."""
     if len(evidence["rows"]) == 0:
         return hidden_states[0].sum() * 0
     loss = 0
     for at, heads, target in ((layer - 1, (2, 3), "words"), (layer, (0, 1), "patches")):
         logp = answer_attention(model, hidden_states, batch, evidence["rows"], evidence["positions"], at, heads)
-        on = evidence[target]
-        mass = -torch.logsumexp(logp.masked_fill(~on, float("-inf")), dim=-1)  # (N, 2)
-        if target == "patches":
-            # Cross-entropy against the uniform distribution over the target (counts: <s> and centres).
-            even = -(logp.masked_fill(~on, 0).sum(-1) / on.sum(-1))
-            mass = torch.where(evidence["spread"][:, None], even, mass)
-        loss = loss + mass.mean()
+        spread = evidence["spread"] if target == "patches" else spread_words
+        loss = loss + target_loss(logp, evidence[target], spread).mean()
     return loss / 2
 
 
@@ -785,7 +800,7 @@ class Trainer:
             return self.model(**batch).loss, {}
         out = self.model(**batch, output_hidden_states=True)
         layer = self.recipe.attention_layer
-        attention = attention_loss(self.model, out.hidden_states, batch, evidence, layer)
+        attention = attention_loss(self.model, out.hidden_states, batch, evidence, layer, self.recipe.spread_words)
         loss = out.loss + self.recipe.attention_weight * attention
         info = {"answer": float(out.loss), "attention": float(attention)}
         if self.recipe.readout_weight:
