@@ -10,6 +10,37 @@ import sys
 DEFAULT_LIMIT = 30
 
 
+# `harness testbed train` flags that set the Recipe field of the same name (harness/testbed/train.py,
+# where each is explained): (flag, type, or bool for a switch, or a tuple of choices; help).
+RECIPE_FLAGS = [
+    ("--vision-steps", int, None),
+    ("--align-steps", int, None),
+    ("--instruct-steps", int, None),
+    ("--instruct-lr", float, None),
+    ("--curriculum-steps", int, None),
+    ("--attention-weight", float, "weight of the evidence-attention loss (0 turns it off)"),
+    ("--readout-weight", float, "weight of the retrieval heads' read-out loss (0 turns it off)"),
+    ("--readout-answers", ("attributes", "all"),
+     "answers the read-out loss covers: colours and letters, or also yes/no and relations"),
+    ("--sink-for-absent", bool, "for a 'no', teach the retrieval heads to look at <s> rather than partial matches"),
+    ("--count-centres", bool, "for a count, teach the retrieval heads to spread evenly over <s> and each counted "
+                              "object's centre patch, and read the count out of them"),
+    ("--value-position-weight", float, "weight of a loss keeping each image token's grid position readable from "
+                                       "the retrieval heads' value vectors (0 turns it off)"),
+    ("--spread-words", bool, "teach layer 0's heads 2-3 to spread evenly over the words naming a referent "
+                             "(its colour and its shape), not only to look at them"),
+    ("--key-attribute-weight", float, "weight of a loss keeping each colour and kind retrievable from the "
+                                      "retrieval heads' keys by a free query (0 turns it off)"),
+    ("--position-weight", float, "weight of a loss keeping each image token's grid position readable from the "
+                                 "projector output during instruction tuning (0 turns it off)"),
+    ("--init-from", str, "take every weight from this llava-hf checkpoint and continue instruction tuning"),
+    ("--turns", int, "questions per training conversation"),
+    ("--single-batch", int, "images per single-image instruction step"),
+    ("--eval-every", int, "instruction steps between validation evaluations"),
+    ("--vision-from", str, "take the vision tower from this llava-hf checkpoint and skip stage 1"),
+]
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -24,10 +55,8 @@ def _testbed_train(args) -> int:
     from .testbed import train as T
 
     recipe = T.Recipe(seed=args.seed)
-    for key in ("vision_steps", "align_steps", "instruct_steps", "instruct_lr", "curriculum_steps",
-                "attention_weight", "readout_weight", "readout_answers", "sink_for_absent", "turns", "vision_from",
-                "init_from", "position_weight", "single_batch", "eval_every", "count_centres",
-                "value_position_weight", "key_attribute_weight", "spread_words"):
+    for flag, _, _ in RECIPE_FLAGS:
+        key = flag[2:].replace("-", "_")
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     if args.rope_theta is None and recipe.init_from:
@@ -221,46 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", default="runs/testbed-model", help="where the trained model is saved")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    train.add_argument("--vision-steps", dest="vision_steps", type=int)
-    train.add_argument("--align-steps", dest="align_steps", type=int)
-    train.add_argument("--instruct-steps", dest="instruct_steps", type=int)
-    train.add_argument("--instruct-lr", dest="instruct_lr", type=float)
-    train.add_argument("--curriculum-steps", dest="curriculum_steps", type=int)
-    train.add_argument("--attention-weight", dest="attention_weight", type=float,
-                       help="weight of the evidence-attention loss (0 turns it off)")
-    train.add_argument("--readout-weight", dest="readout_weight", type=float,
-                       help="weight of the retrieval heads' read-out loss (0 turns it off)")
-    train.add_argument("--readout-answers", dest="readout_answers", choices=("attributes", "all"),
-                       help="answers the read-out loss covers: colours and letters, or also yes/no and relations")
-    train.add_argument("--sink-for-absent", dest="sink_for_absent", action="store_const", const=True,
-                       help="for a 'no', teach the retrieval heads to look at <s> rather than partial matches")
-    train.add_argument("--count-centres", dest="count_centres", action="store_const", const=True,
-                       help="for a count, teach the retrieval heads to spread evenly over <s> and each counted "
-                            "object's centre patch, and read the count out of them")
-    train.add_argument("--value-position-weight", dest="value_position_weight", type=float,
-                       help="weight of a loss keeping each image token's grid position readable from the "
-                            "retrieval heads' value vectors (0 turns it off)")
-    train.add_argument("--spread-words", dest="spread_words", action="store_const", const=True,
-                       help="teach layer 0's heads 2-3 to spread evenly over the words naming a referent "
-                            "(its colour and its shape), not only to look at them")
-    train.add_argument("--key-attribute-weight", dest="key_attribute_weight", type=float,
-                       help="weight of a loss keeping each colour and kind retrievable from the retrieval "
-                            "heads' keys by a free query (0 turns it off)")
-    train.add_argument("--position-weight", dest="position_weight", type=float,
-                       help="weight of a loss keeping each image token's grid position readable from the "
-                            "projector output during instruction tuning (0 turns it off)")
+    for flag, kind, help_text in RECIPE_FLAGS:
+        if kind is bool:
+            train.add_argument(flag, action="store_const", const=True, help=help_text)
+        elif isinstance(kind, tuple):
+            train.add_argument(flag, choices=kind, help=help_text)
+        else:
+            train.add_argument(flag, type=kind, help=help_text)
     train.add_argument("--rope-theta", dest="rope_theta", type=_positive_float,
-                       help="RoPE base of the decoder (default 10000); with --init-from, the weights are kept "
-                            "and only the rotation changes")
-    train.add_argument("--init-from", dest="init_from",
-                       help="take every weight from this llava-hf checkpoint and continue instruction tuning")
-    train.add_argument("--turns", type=int, help="questions per training conversation")
-    train.add_argument("--single-batch", dest="single_batch", type=int,
-                       help="images per single-image instruction step")
-    train.add_argument("--eval-every", dest="eval_every", type=int,
-                       help="instruction steps between validation evaluations")
-    train.add_argument("--vision-from", dest="vision_from",
-                       help="take the vision tower from this llava-hf checkpoint and skip stage 1")
+                       help="RoPE base of the decoder (default 10000; with --init-from, the donor's): the "
+                            "weights are kept and only the rotation changes")
     train.set_defaults(func=_testbed_train)
     return parser
 

@@ -65,6 +65,21 @@ def test_a_non_positive_rope_base_is_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_every_training_flag_sets_a_recipe_field():
+    import dataclasses
+
+    from harness.testbed import train as T
+
+    fields = {f.name: f for f in dataclasses.fields(T.Recipe)}
+    for flag, kind, _ in cli.RECIPE_FLAGS:
+        name = flag[2:].replace("-", "_")
+        assert name in fields, flag
+        assert kind is not bool or fields[name].default is False, flag  # a switch turns something on
+    args = cli.build_parser().parse_args(["testbed", "train", "--spread-words", "--readout-answers", "all",
+                                          "--instruct-lr", "2e-3"])
+    assert (args.spread_words, args.readout_answers, args.instruct_lr, args.count_centres) == (True, "all", 2e-3, None)
+
+
 def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
     assert cli.main(["run", "--tasks", "testbed_nope", "--model", str(tiny_llava_dir),
                      "--output", str(tmp_path / "out")]) == 2

@@ -374,6 +374,8 @@ def test_retrieval_probe_match_logits_and_key_retrieval_report_what_they_say():
     model, processor = M.build_model(M.TINY)
     groups = RP.match_logits(model, processor, 2)
     assert {"target", "<s>"} <= set(groups) and all(h0 <= 0 and h1 <= 0 for h0, h1 in groups.values())
+    known = RP.question_probe(model, processor, n_fit=4, n_eval=4, steps=3)
+    assert set(known) == {"colour", "shape"} and all(a in (0, 0.25, 0.5, 0.75, 1) for a in known.values())
     masses = RP.key_retrieval(model, processor, n_fit=4, n_eval=4, steps=3)
     assert set(masses) == {"colour", "shape", "letter"}
     assert all(0 < m <= 1 for m in masses.values() if m == m)

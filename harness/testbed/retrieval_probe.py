@@ -5,11 +5,12 @@ the share of their attention on the question's target (its referents' patches; <
 with counted centres, for a count), the share on <s>, and whether their output alone, through
 o_proj, the final norm and lm_head restricted to the answer words, names the answer.
 
-Two more views of why existence fails (TRAINING.md, instruct_5-6): on questions whose answer is
-"yes", the heads' mean log-attention per patch of the target, of objects sharing only its colour or
-only its shape, and of the rest (`match_logits`); and how well the heads' keys can be searched by
-colour and by shape at all: a free query per colour and per kind, fitted on training scenes, and the
-attention mass it puts on that attribute's patches in validation scenes (`key_retrieval`).
+Three more views of why existence failed (TRAINING.md, "Why existence stays at chance"): on
+questions answered "yes", the heads' mean log-attention per patch of the target, of objects sharing
+only its colour or only its shape, and of the rest (`match_logits`); whether the answer position
+knows the colour and the shape asked about (`question_probe`); and how well the heads' keys can be
+searched by colour, shape or letter at all: a free query per value, fitted on training scenes, and
+the attention mass it puts on that value's patches in validation scenes (`key_retrieval`).
 
     python -m harness.testbed.retrieval_probe [MODEL] [N]      # N validation questions per family
 """
@@ -117,6 +118,41 @@ def key_retrieval(model, processor, n_fit: int = 160, n_eval: int = 48, steps: i
     return out
 
 
+def question_probe(model, processor, n_fit: int = 240, n_eval: int = 80, steps: int = 300) -> dict[str, float]:
+    """Does the answer position know what an existence question asks? Validation accuracy of linear
+    probes of the named colour and the named shape on layer 1's normalised input there (what heads
+    0-1 form their queries from), fitted on training questions."""
+    lm, tok, image_id = model.model.language_model, processor.tokenizer, model.config.image_token_id
+
+    def states(split, n):
+        xs, colours, shapes = [], [], []
+        with torch.no_grad():
+            for i in range(n):
+                s = Q.make_sample(split, "exist", i)
+                colour, shape = s["question"].split()[3:5]
+                batch = T.collate([{**s, "turns": [], "evidence_turns": [Q.referent_evidence(s)]}], tok, image_id)
+                position = int(batch.pop("evidence")["positions"][0])
+                out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+                xs.append(lm.layers[LAYER].input_layernorm(out.hidden_states[LAYER])[0, position])
+                colours.append(W.COLOR_NAMES.index(colour))
+                shapes.append(W.SHAPES.index(shape))
+        return torch.stack(xs).float(), torch.tensor(colours), torch.tensor(shapes)
+
+    (x, *fit), (x_eval, *held) = states("train", n_fit), states("validation", n_eval)
+    out = {}
+    for name, y, y_eval, classes in (("colour", fit[0], held[0], len(W.COLOR_NAMES)),
+                                     ("shape", fit[1], held[1], len(W.SHAPES))):
+        probe = torch.nn.Linear(x.shape[1], classes)
+        optimizer = torch.optim.Adam(probe.parameters(), lr=0.01, weight_decay=1e-3)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(probe(x), y).backward()
+            optimizer.step()
+        with torch.no_grad():
+            out[name] = float((probe(x_eval).argmax(-1) == y_eval).float().mean())
+    return out
+
+
 def main(argv: list[str]) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -134,6 +170,9 @@ def main(argv: list[str]) -> None:
     print("\nExistence questions answered yes: mean log-attention per patch (head 0 / 1)\n\n| object | head 0 | head 1 |\n|---|---|---|")
     for group, (h0, h1) in match_logits(model, processor, n).items():
         print(f"| {group} | {h0:.2f} | {h1:.2f} |")
+    r = question_probe(model, processor)
+    print("\nWhat the answer position knows (linear probe of the question's colour / shape at layer 1's input)\n")
+    print(f"| colour | shape |\n|---|---|\n| {r['colour']:.2f} | {r['shape']:.2f} |")
     r = key_retrieval(model, processor)
     print("\nKeys searched by one attribute (free query per value; mass on its patches, validation scenes)\n")
     print("| colour | shape | letter |\n|---|---|---|\n" + f"| {r['colour']:.2f} | {r['shape']:.2f} | {r['letter']:.2f} |")
