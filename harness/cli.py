@@ -59,11 +59,15 @@ def _testbed_train(args) -> int:
         key = flag[2:].replace("-", "_")
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
-    if args.rope_theta is None and recipe.init_from:
-        args.rope_theta = T.rope_theta_of(recipe.init_from)  # continue under the donor's rotation
-    if args.rope_theta is not None:
-        recipe.dims = {**recipe.dims, "rope_theta": args.rope_theta}
-    trainer = T.Trainer(args.workdir, recipe, device=args.device)
+    try:  # a donor checkpoint that is missing or does not fit: one clear line, nothing trained yet
+        if args.rope_theta is None and recipe.init_from:
+            args.rope_theta = T.rope_theta_of(recipe.init_from)  # continue under the donor's rotation
+        if args.rope_theta is not None:
+            recipe.dims = {**recipe.dims, "rope_theta": args.rope_theta}
+        trainer = T.Trainer(args.workdir, recipe, device=args.device)
+    except ValueError as err:
+        print(f"harness testbed train: {err}", file=sys.stderr)
+        return 2
     trainer.run()
     trainer.export(args.output, command=" ".join(["harness"] + sys.argv[1:]))
     print(f"saved the trained testbed model to {args.output}")

@@ -65,6 +65,13 @@ def test_a_non_positive_rope_base_is_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_missing_donor_checkpoint_is_one_clear_error(tmp_path, capsys):
+    assert cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"),
+                     "--init-from", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert f"--init-from {tmp_path / 'nowhere'}: not a llava-hf checkpoint" in err and "Traceback" not in err
+
+
 def test_every_training_flag_sets_a_recipe_field():
     import dataclasses
 

@@ -458,6 +458,20 @@ def position_loss(states, input_ids, image_token_id: int, head, normalise: bool 
     return F.mse_loss(head(F.layer_norm(tokens, tokens.shape[-1:]) if normalise else tokens), target) * 10
 
 
+def rotated_keys(model, hidden_states, batch, layer: int, kv: int):
+    """Layer `layer`'s normalised input h (B, T, d), the batch's RoPE (cos, sin), and the keys
+    (B, T, head_dim) of key/value head `kv` with RoPE applied, computed as LlamaAttention does."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    attn = lm.layers[layer].self_attn
+    h = lm.layers[layer].input_layernorm(hidden_states[layer])
+    cos, sin = lm.rotary_emb(h, batch["position_ids"])
+    k = attn.k_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, kv:kv + 1]
+    _, k = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=2)
+    return h, cos, sin, k[:, :, 0]
+
+
 def answer_attention(model, hidden_states, batch, rows, positions, layer: int, heads=(0, 1)) -> torch.Tensor:
     """Log attention probabilities (N, 2, T) of two heads of `layer` that share a key/value head, at
     the given (row, position)s.
@@ -467,19 +481,14 @@ def answer_attention(model, hidden_states, batch, rows, positions, layer: int, h
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    lm = model.model.language_model
-    attn = lm.layers[layer].self_attn
-    h = lm.layers[layer].input_layernorm(hidden_states[layer])  # (B, T, d)
-    batch_size, length, _ = h.shape
-    cos, sin = lm.rotary_emb(h, batch["position_ids"])
+    attn = model.model.language_model.layers[layer].self_attn
     kv = heads[0] // attn.num_key_value_groups
     if [h_ // attn.num_key_value_groups for h_ in heads] != [kv, kv]:
         raise ValueError(f"heads {heads} do not share one key/value head")
+    h, cos, sin, k = rotated_keys(model, hidden_states, batch, layer, kv)  # k: (B, T, D)
     q = attn.q_proj(h[rows, positions]).view(len(rows), -1, attn.head_dim)[:, None, list(heads)]  # (N, 1, 2, D)
-    k = attn.k_proj(h).view(batch_size, length, -1, attn.head_dim)[:, :, kv:kv + 1]  # (B, T, 1, D)
     q, _ = apply_rotary_pos_emb(q, q, cos[rows, positions][:, None], sin[rows, positions][:, None], unsqueeze_dim=2)
-    _, k = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=2)
-    scores = torch.einsum("nhd,ntd->nht", q[:, 0].float(), k[rows, :, 0].float()) * attn.scaling
+    scores = torch.einsum("nhd,ntd->nht", q[:, 0].float(), k[rows].float()) * attn.scaling
     allowed = batch["attention_mask"][rows, 0, positions]  # (N, T)
     return torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
@@ -504,16 +513,9 @@ def image_keys(model, hidden_states, batch, image_token_id: int, layer: int):
     """Key vectors of key/value head 0 of `layer` at every image token, RoPE applied, as (images,
     576, head_dim), and each image's query rotation (cos, sin) at its row's last position: about
     where a question about it is answered."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    lm = model.model.language_model
-    attn = lm.layers[layer].self_attn
-    h = lm.layers[layer].input_layernorm(hidden_states[layer])
-    cos, sin = lm.rotary_emb(h, batch["position_ids"])
-    k = attn.k_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, :1]
-    _, k = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=2)
+    _, cos, sin, k = rotated_keys(model, hidden_states, batch, layer, kv=0)
     is_image = batch["input_ids"] == image_token_id
-    keys = k[:, :, 0][is_image].view(-1, W.GRID * W.GRID, attn.head_dim)  # row-major: the images' order
+    keys = k[is_image].view(-1, W.GRID * W.GRID, k.shape[-1])  # row-major: the images' order
     rows = is_image.nonzero()[::W.GRID * W.GRID, 0]
     last = batch["position_ids"].argmax(dim=1)[rows]
     return keys, cos[rows, last], sin[rows, last]
@@ -633,7 +635,7 @@ def rope_theta_of(path) -> float:
     try:
         return float(LlavaConfig.from_pretrained(path).text_config.rope_parameters["rope_theta"])
     except OSError as err:
-        raise SystemExit(f"--init-from {path}: not a llava-hf checkpoint ({err})") from None
+        raise ValueError(f"--init-from {path}: not a llava-hf checkpoint ({err})") from None
 
 
 class Trainer:
