@@ -26,7 +26,6 @@ import base64
 import html
 import json
 import math
-import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from .budget import ADAPTIVE, FULL
-from .runner import DEFAULT_BUDGETS, DEFAULT_TASKS, REPO_ROOT, SUMMARY_COLUMNS
+from . import run_folder
+from .runner import DEFAULT_BUDGETS, DEFAULT_TASKS, REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "leaderboard.yaml"
 DEFAULT_OUTPUT = "results/leaderboard"
@@ -108,47 +108,24 @@ class Run:
 def load_run(run_dir) -> Run:
     """Read a run folder: its summary, the store's provenance and timing devices, and per document the
     kept token indices of every cell in the summary."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise LeaderboardError(f"run folder not found: {path}")
-    if not (path / "summary.csv").is_file():
-        raise LeaderboardError(f"{path} has no summary.csv: not the output folder of a finished `harness run`")
-    summary = _read_summary(path / "summary.csv")
+    path = run_folder.folder(run_dir)
+    summary = run_folder.read_summary(path / run_folder.SUMMARY)
     run = Run(path, summary)
-    run.provenance, run.started, run.timing = _read_store(path / "results.sqlite", summary)
+    if (path / run_folder.STORE).is_file():  # optional here: without it the leaderboard says "no provenance"
+        run.started, run.provenance, run.timing = _read_store(path / run_folder.STORE, summary)
     run.kept, run.docs = _read_samples(path / "samples", summary)
     return run
 
 
-def _read_summary(path: Path) -> pd.DataFrame:
-    text = {c: str for c in SUMMARY_COLUMNS if c != "value"}
+def _read_store(path: Path, summary: pd.DataFrame) -> tuple[str, dict, list[str]]:
+    """The last invocation's start time and provenance, and where the timing pass of the summary's
+    cells ran (a cell reused from an earlier invocation was timed then, possibly elsewhere)."""
+    db = run_folder.open_store(path)
     try:
-        frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values={"value": ["nan", "NaN", ""]})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
-        raise LeaderboardError(f"{path} is not a harness summary: {str(e).splitlines()[0]}") from None
-    if tuple(frame.columns) != SUMMARY_COLUMNS:
-        raise LeaderboardError(f"{path} is not a harness summary: columns {', '.join(frame.columns)}, "
-                               f"expected {', '.join(SUMMARY_COLUMNS)}")
-    if frame.empty:
-        raise LeaderboardError(f"{path} has no rows")
-    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
-    return frame
-
-
-def _read_store(path: Path, summary: pd.DataFrame) -> tuple[dict, str, list[str]]:
-    """The last invocation's provenance and start time, and where the timing pass of the summary's cells
-    ran (a cell reused from an earlier invocation was timed then, possibly elsewhere)."""
-    if not path.is_file():
-        return {}, "", []
-    try:
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)  # never writes
-        try:
-            last = db.execute("SELECT started, provenance FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
-            cells = db.execute("SELECT rows, details FROM cells").fetchall()
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as e:
-        raise LeaderboardError(f"{path} is not a results store: {e}") from None
+        started, provenance = run_folder.invocation(db)
+        cells = db.execute("SELECT rows, details FROM cells").fetchall()
+    finally:
+        db.close()
     wanted = set(zip(summary["method"], summary["budget"]))
     devices = []
     for rows, details in cells:
@@ -157,8 +134,7 @@ def _read_store(path: Path, summary: pd.DataFrame) -> tuple[dict, str, list[str]
             continue
         for timed in (json.loads(details or "{}").get("timing") or {}).values():
             devices.append(f"{timed.get('device', '?')} ({timed.get('attention', '?')} attention)")
-    started, provenance = last if last else ("", "{}")
-    return json.loads(provenance), started, list(dict.fromkeys(devices))
+    return started, provenance, list(dict.fromkeys(devices))
 
 
 def _read_samples(folder: Path, summary: pd.DataFrame) -> tuple[dict, dict]:
@@ -848,7 +824,7 @@ def _leaderboard(args) -> int:
         else:
             ranked = run_leaderboard(args.config or DEFAULT_CONFIG, args.output, args.run_dir or DEFAULT_RUN_DIR,
                                      rule=args.rule)
-    except (LeaderboardError, RunError) as e:
+    except (LeaderboardError, run_folder.RunFolderError, RunError) as e:
         print(f"harness leaderboard: error: {e}", file=sys.stderr)
         return 2
     text, _ = ranking_view(ranked, RULES[args.rule])

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import run_folder
 from .consistency import mcnemar_p
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -89,28 +90,13 @@ class RunData:
     started: str = ""
 
 
-def _read_summary(path: Path) -> dict:
-    if not path.is_file():
-        raise Unusable(f"{path} is missing (is {path.parent} the --output folder of a `harness run`?)")
+def _read_metrics(path: Path) -> dict:
+    frame = run_folder.read_summary(path)
     metrics: dict = {}
-    with path.open() as f:
-        for r in csv.DictReader(f):
-            metrics.setdefault((r["method"], r["budget"], r["task"]), {})[r["metric"]] = float(r["value"])
-    if not metrics:
-        raise Unusable(f"{path} holds no rows")
+    for method, budget, task, metric, value in frame[["method", "budget", "task", "metric", "value"]].itertuples(
+            index=False, name=None):
+        metrics.setdefault((method, budget, task), {})[metric] = float(value)
     return metrics
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """Read-only: a baseline must never be modified by comparing against it."""
-    if not path.is_file():
-        raise Unusable(f"{path} is missing: the per-sample data the paired tests need is in the results store")
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        db.execute("SELECT cell_key, method, determined_by, rows, finished FROM cells LIMIT 1").fetchall()
-    except sqlite3.DatabaseError as e:
-        raise Unusable(f"{path} is not a results store: {e}") from None
-    return db
 
 
 def _row_set(rows) -> frozenset:
@@ -166,21 +152,22 @@ def _views(db: sqlite3.Connection, chosen: dict) -> dict:
 
 def load_run(path) -> RunData:
     """A finished `harness run` folder (summary.csv and results.sqlite), or Unusable."""
-    path = Path(path)
-    if not path.is_dir():
-        raise Unusable(f"{path} is not a folder")
-    metrics = _read_summary(path / "summary.csv")
-    db = _connect(path / "results.sqlite")
+    try:
+        path = run_folder.folder(path)
+        metrics = _read_metrics(path / run_folder.SUMMARY)
+        db = run_folder.open_store(path / run_folder.STORE)
+    except run_folder.RunFolderError as e:
+        raise Unusable(str(e)) from None
     try:
         chosen = _select_cells(db, metrics, path)
         keys = [k for k, _ in chosen.values()]
         marks = ",".join("?" * len(keys))
         run_id = db.execute(f"SELECT max(run_id) FROM cells WHERE cell_key IN ({marks})", keys).fetchone()[0]
-        prov = db.execute("SELECT started, provenance FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        started, provenance = run_folder.invocation(db, run_id)
         return RunData(path=path, protocol=_protocol(chosen, path), metrics=metrics, samples=_views(db, chosen),
                        method_reprs={label: d["method_repr"] for label, (_, d) in chosen.items()},
                        codes={d.get("code", "unknown") for _, d in chosen.values()},
-                       provenance=json.loads(prov[1]) if prov else {}, started=prov[0] if prov else "")
+                       provenance=provenance, started=started)
     finally:
         db.close()
 

@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 
 from .budget import budget_label as label_budget  # noqa: E402
 from .consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
+from .run_folder import STORE, SUMMARY, SUMMARY_COLUMNS  # noqa: E402
 from .store import Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
 from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
 
@@ -39,7 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The shipped testbed model (made by `harness testbed train`).
 DEFAULT_MODEL = _testbed_model.CHECKPOINT
 DEFAULT_TASKS = ("testbed",)
-SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")
 
 
 class RunError(Exception):
@@ -373,7 +373,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
         raise RunError(f"unknown task(s) {', '.join(map(repr, unknown))}; tasks in {TASKS_DIR}: {listed}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(out_dir / "results.sqlite")
+    store = Store(out_dir / STORE)
     fingerprint = {"model": model_hash(model_path), "tasks": sorted(tasks), "limit": limit,
                    "task_data": _task_data_version(), "code": code_version(REPO_ROOT)}
     say(f"harness run: model {label} ({model_path}), {len(grid)} cell(s) x tasks {', '.join(tasks)}"
@@ -410,7 +410,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
                 reference = {task: {doc: SampleView(**v) for doc, v in docs.items()}
                              for task, docs in store.sample_views(key).items()}
                 lm.reference_answers = _reference_answers(store.records(key))
-            write_summary(out_dir / "summary.csv", rows)
+            write_summary(out_dir / SUMMARY, rows)
             say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)}: finished earlier (cell {key})")
             continue
         say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)} ...")
@@ -450,7 +450,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
         results_dir.mkdir(exist_ok=True)
         (results_dir / f"{method}_{budget_label(budget, method)}.json").write_text(
             json.dumps(_jsonable({k: v for k, v in res.items() if k != "samples"}), indent=1))
-        write_summary(out_dir / "summary.csv", rows)  # after every cell: an interrupted sweep keeps its rows
+        write_summary(out_dir / SUMMARY, rows)  # after every cell: an interrupted sweep keeps its rows
         acc = [r for r in cell_rows if r["metric"] == "accuracy"]
         mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
         say(f"      done in {time.perf_counter() - t0:.1f}s: mean accuracy {mean:.3f} over {len(acc)} task(s)")
@@ -458,5 +458,5 @@ def run(config: RunConfig, out=None) -> list[dict]:
     store.close()
     say("")
     say(format_table(rows))
-    say(f"\nwrote {out_dir / 'summary.csv'} ({len(rows)} rows) and {out_dir / 'samples'}/")
+    say(f"\nwrote {out_dir / SUMMARY} ({len(rows)} rows) and {out_dir / 'samples'}/")
     return rows

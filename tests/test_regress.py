@@ -151,7 +151,7 @@ def test_missing_cells_and_files_are_unusable(runs, tmp_path, capsys):
     assert harness("regress", "--baseline", runs["a"], "--current", cur) == 2
     assert "results.sqlite is missing" in capsys.readouterr().err
     assert harness("regress", "--baseline", tmp_path / "nowhere", "--current", runs["a"]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "run folder not found" in capsys.readouterr().err
     assert harness("regress", "--baseline", runs["a"]) == 2
     assert "give --baseline DIR and --current DIR" in capsys.readouterr().err
 

@@ -30,19 +30,27 @@ LAYER = 1
 
 
 @torch.no_grad()
+def _forward(model, processor, samples: list[dict], sink_for_absent: bool = False):
+    """One batch of single-turn questions through the model: the batch, its evidence and the outputs."""
+    batch = T.collate(samples, processor.tokenizer, model.config.image_token_id, sink_for_absent=sink_for_absent)
+    evidence = batch.pop("evidence")
+    out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+    return batch, evidence, out
+
+
+def _question(sample: dict, **extra) -> dict:
+    """A sample as the recipe's collate takes it: one turn, its referents' evidence."""
+    return {**sample, "turns": [], "evidence_turns": [Q.referent_evidence(sample)], **extra}
+
+
+@torch.no_grad()
 def probe(model, processor, family: str, n: int, batch_size: int = 8) -> dict[str, float]:
-    tok, image_id = processor.tokenizer, model.config.image_token_id
-    answer_ids = torch.tensor(T.word_ids(tok, T.readout_words("all", counts=True)))
-    samples = []
-    for i in range(n):
-        s = Q.make_sample("validation", family, i)
-        samples.append({**s, "turns": [], "evidence_turns": [Q.referent_evidence(s)],
-                        "centre_turns": [T.counted_centres(s, s["question"])]})
+    answer_ids = torch.tensor(T.word_ids(processor.tokenizer, T.readout_words("all", counts=True)))
+    samples = [Q.make_sample("validation", family, i) for i in range(n)]
+    samples = [_question(s, centre_turns=[T.counted_centres(s, s["question"])]) for s in samples]
     target, sink, right = [], [], []
     for start in range(0, n, batch_size):
-        batch = T.collate(samples[start:start + batch_size], tok, image_id, sink_for_absent=True)
-        ev = batch.pop("evidence")
-        out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+        batch, ev, out = _forward(model, processor, samples[start:start + batch_size], sink_for_absent=True)
         logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)  # (N, 2, T)
         target.append(torch.logsumexp(logp.masked_fill(~ev["patches"], float("-inf")), -1).exp())
         sink.append(logp[:, :, 0].exp())
@@ -57,7 +65,6 @@ def probe(model, processor, family: str, n: int, batch_size: int = 8) -> dict[st
 def match_logits(model, processor, n: int) -> dict[str, tuple[float, float]]:
     """Mean log-attention per patch of heads 0-1 (averaged per object, then over objects) on n
     validation existence questions answered "yes", by how the object matches the question."""
-    tok, image_id = processor.tokenizer, model.config.image_token_id
     groups = {"target": [], "colour only": [], "shape only": [], "neither": [], "<s>": []}
     index = 0
     while len(groups["<s>"]) < n:
@@ -66,11 +73,9 @@ def match_logits(model, processor, n: int) -> dict[str, tuple[float, float]]:
         if s["answer"] != "yes":
             continue
         colour, shape = s["question"].split()[3:5]
-        batch = T.collate([{**s, "turns": [], "evidence_turns": [Q.referent_evidence(s)]}], tok, image_id)
-        ev = batch.pop("evidence")
-        out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+        batch, ev, out = _forward(model, processor, [_question(s)])
         logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)[0]
-        image = (batch["input_ids"][0] == image_id).nonzero().flatten()
+        image = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
         scene = s["scenes"][0]
         for i, obj in enumerate(scene["objects"]):
             same = (obj["color"] == colour, obj["name"] == shape)
@@ -81,18 +86,16 @@ def match_logits(model, processor, n: int) -> dict[str, tuple[float, float]]:
 
 
 def _image_keys(model, processor, split: str, n: int, batch_size: int = 8):
-    tok, image_id = processor.tokenizer, model.config.image_token_id
-    samples = [{**s, "turns": [], "evidence_turns": [[[]]]} for s in
-               (Q.make_sample(split, ("exist", "text")[i % 2], i) for i in range(n))]  # text: letters
+    samples = [_question(Q.make_sample(split, ("exist", "text")[i % 2], i)) for i in range(n)]  # text: letters
     keys, cos, sin, targets = [], [], [], []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            chunk = samples[start:start + batch_size]
-            batch = T.collate(chunk, tok, image_id)
-            out = model(**{k: v for k, v in batch.items() if k not in ("labels", "evidence")}, output_hidden_states=True)
-            for part, x in zip((keys, cos, sin), T.image_keys(model, out.hidden_states, batch, image_id, LAYER)):
-                part.append(x)
-            targets.append(T.attribute_targets([s["scenes"][0] for s in chunk]))
+    for start in range(0, n, batch_size):
+        chunk = samples[start:start + batch_size]
+        batch, _, out = _forward(model, processor, chunk)
+        with torch.no_grad():
+            parts = T.image_keys(model, out.hidden_states, batch, model.config.image_token_id, LAYER)
+        for part, x in zip((keys, cos, sin), parts):
+            part.append(x)
+        targets.append(T.attribute_targets([s["scenes"][0] for s in chunk]))
     return [torch.cat(x) for x in (keys, cos, sin, targets)]
 
 
@@ -122,7 +125,7 @@ def question_probe(model, processor, n_fit: int = 240, n_eval: int = 80, steps: 
     """Does the answer position know what an existence question asks? Validation accuracy of linear
     probes of the named colour and the named shape on layer 1's normalised input there (what heads
     0-1 form their queries from), fitted on training questions."""
-    lm, tok, image_id = model.model.language_model, processor.tokenizer, model.config.image_token_id
+    lm = model.model.language_model
 
     def states(split, n):
         xs, colours, shapes = [], [], []
@@ -130,9 +133,8 @@ def question_probe(model, processor, n_fit: int = 240, n_eval: int = 80, steps: 
             for i in range(n):
                 s = Q.make_sample(split, "exist", i)
                 colour, shape = s["question"].split()[3:5]
-                batch = T.collate([{**s, "turns": [], "evidence_turns": [Q.referent_evidence(s)]}], tok, image_id)
-                position = int(batch.pop("evidence")["positions"][0])
-                out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+                _, evidence, out = _forward(model, processor, [_question(s)])
+                position = int(evidence["positions"][0])
                 xs.append(lm.layers[LAYER].input_layernorm(out.hidden_states[LAYER])[0, position])
                 colours.append(W.COLOR_NAMES.index(colour))
                 shapes.append(W.SHAPES.index(shape))

@@ -1,0 +1,67 @@
+"""Reading a finished `harness run` output folder: its `summary.csv` and its results store, read-only.
+
+One place for what the leaderboard and the regression checks both read; each keeps its own view of
+the cells on top. Every problem is a `RunFolderError` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+
+SUMMARY, STORE = "summary.csv", "results.sqlite"
+SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")  # long format, one value a row
+
+
+class RunFolderError(ValueError):
+    """A folder, summary or store that is not what a finished `harness run` leaves."""
+
+
+def folder(path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFolderError(f"run folder not found: {path}")
+    if not (path / SUMMARY).is_file():
+        raise RunFolderError(f"{path} has no {SUMMARY}: not the --output folder of a finished `harness run`")
+    return path
+
+
+def read_summary(path: Path) -> pd.DataFrame:
+    """The long-format summary; every column text except `value` (budgets stay `64`, `full`, `adaptive`)."""
+    text = {c: str for c in SUMMARY_COLUMNS if c != "value"}
+    try:
+        frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values={"value": ["nan", "NaN", ""]})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise RunFolderError(f"{path} is not a harness summary: {str(e).splitlines()[0]}") from None
+    if tuple(frame.columns) != SUMMARY_COLUMNS:
+        raise RunFolderError(f"{path} is not a harness summary: columns {', '.join(frame.columns)}, "
+                             f"expected {', '.join(SUMMARY_COLUMNS)}")
+    if frame.empty:
+        raise RunFolderError(f"{path} has no rows")
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    return frame
+
+
+def open_store(path: Path) -> sqlite3.Connection:
+    """Read-only: reading a run (a regression baseline above all) must never modify it."""
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing: the per-sample results and provenance are in the results store")
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        db.execute("SELECT cell_key, method, determined_by, rows, details, finished FROM cells LIMIT 1").fetchall()
+        db.execute("SELECT run_id, started, provenance FROM runs LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise RunFolderError(f"{path} is not a results store: {e}") from None
+    return db
+
+
+def invocation(db: sqlite3.Connection, run_id: int | None = None) -> tuple[str, dict]:
+    """When an invocation of `harness run` started and its provenance (the newest one by default)."""
+    if run_id is None:
+        row = db.execute("SELECT started, provenance FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+    else:
+        row = db.execute("SELECT started, provenance FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return (row[0], json.loads(row[1])) if row else ("", {})
