@@ -14,8 +14,10 @@ output folder:
 * ``index.html``: all of it in one self-contained page (inline CSS and script, plots as base64
   PNGs: it opens offline), with tables sorted by clicking a header.
 
-A cell's metrics are means over its tasks, each task counting equally; its costs are ratios to the
-unpruned cell (`none`) of the same model on the same task, averaged the same way. Several run folders merge: a
+A cell's metrics are means over its tasks, each task counting equally, except its relative accuracy:
+its accuracy summed over the tasks / the unpruned cell's (a mean of per-task ratios lets a task the
+model answers near 0 dominate: 0.13 / 0.03 = 4). Its costs are ratios to the unpruned cell (`none`) of
+the same model on the same task, averaged over the tasks. Several run folders merge: a
 later folder's (method, budget, task) replaces an earlier one's.
 """
 
@@ -74,7 +76,8 @@ class Rule:
             return METRICS[metric][0] + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
 
         return (f"Methods are ranked by their mean {name(self.metric)} over the budgets they were run at, "
-                f"ties broken by their mean {name(self.tie)}. Each budget's value is the mean over the tasks. "
+                f"ties broken by their mean {name(self.tie)}. Each budget's value is the mean over the tasks "
+                f"(rel. accuracy: the ratio of the mean accuracies). "
                 f"A method with budget `{ADAPTIVE}` decides per image how many tokens to keep: it is its own "
                 f"row, ranked by its one cell, at the mean number of tokens it kept.")
 
@@ -207,22 +210,26 @@ def task_table(summary: pd.DataFrame, kept: dict) -> pd.DataFrame:
         if metric not in wide:
             wide[metric] = np.nan
     wide["cost"] = wide["flops_prefill"] + wide["flops_vision"]
-    ref = wide[wide["method"] == REFERENCE][["model", "task", "cost", "prefill_ms"]]
-    wide = wide.merge(ref.rename(columns={"cost": "ref_cost", "prefill_ms": "ref_prefill_ms"}),
+    ref = wide[wide["method"] == REFERENCE][["model", "task", "accuracy", "cost", "prefill_ms"]]
+    wide = wide.merge(ref.rename(columns={"accuracy": "ref_accuracy", "cost": "ref_cost", "prefill_ms": "ref_prefill_ms"}),
                       on=["model", "task"], how="left")
     return wide.merge(_kept_per_image(kept), on=index, how="left")
 
 
 def cell_table(tasks: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, method, budget): every metric is the mean over its tasks, each task counting
-    equally (a task whose unpruned accuracy is 0 has no relative accuracy and is left out of that mean);
-    costs are per-task ratios to the unpruned cell, averaged the same way."""
+    equally, except relative accuracy, the ratio of the summed accuracies to the unpruned cell's on the
+    same tasks; costs are per-task ratios to the unpruned cell, averaged over the tasks."""
     tasks = tasks.assign(flops_ratio=tasks["cost"] / tasks["ref_cost"],
                          prefill_speedup=tasks["ref_prefill_ms"] / tasks["prefill_ms"], kept_per_image=tasks["kept"])
     columns = ["accuracy", "relative_accuracy", "agreement", "flip_correct_to_wrong", "first_token_kl", "flops_ratio",
                "prefill_speedup", "kept_per_image"]
     grouped = tasks.groupby(["model", "method", "budget"], sort=False)
     cells = grouped[columns].mean().reset_index()  # NaN-skipping
+    both = tasks["accuracy"].notna() & tasks["ref_accuracy"].notna()
+    sums = tasks[both].groupby(["model", "method", "budget"], sort=False)[["accuracy", "ref_accuracy"]].sum()
+    ratio = (sums["accuracy"] / sums["ref_accuracy"].where(sums["ref_accuracy"] > 0)).rename("ratio")
+    cells["relative_accuracy"] = cells.merge(ratio.reset_index(), on=["model", "method", "budget"], how="left")["ratio"]
     cells["tasks"] = grouped.size().to_numpy()
     cells["entry"] = [m if b != ADAPTIVE else f"{m} ({ADAPTIVE})" for m, b in zip(cells["method"], cells["budget"])]
     return cells
@@ -374,8 +381,8 @@ def column_notes(runs: list[Run]) -> list[str]:
     devices = list(dict.fromkeys(d for run in runs for d in (run.timing or [run.provenance.get("device", "unknown")])))
     return [
         "accuracy: the tasks' own metric, mean over tasks.",
-        "rel. accuracy: pruned / unpruned accuracy on the same documents, mean over tasks (a task the unpruned "
-        "model gets all wrong has none and is left out).",
+        "rel. accuracy: pruned accuracy summed over the tasks / the unpruned model's on the same documents "
+        "(a ratio of means: a per-task ratio on a task the unpruned model hardly answers would dominate a mean).",
         "agreement: share of documents answered as the unpruned model answers them.",
         "flips c→w: share of documents right unpruned and wrong pruned.",
         "first-token KL: KL(unpruned ‖ pruned) of the first answer token's distribution (of the options, "

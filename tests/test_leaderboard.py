@@ -17,7 +17,7 @@ from harness import cli, leaderboard, runner
 
 METHODS = ("random", "uniform", "cls_attention")  # pre-LLM: FastV's layer 2 is past the tiny model's 2 layers
 TASKS = ("testbed_exist", "testbed_color")
-LATER_RELATIVE_ACCURACY = 0.25  # what the second run says about random@64 on testbed_exist
+LATER_ACCURACY = 0.25  # what the second run says about random@64 on testbed_exist
 
 
 def _cli(argv: list[str]) -> int:
@@ -30,7 +30,7 @@ def _cli(argv: list[str]) -> int:
 
 def _later_run(first, folder):
     """A second run folder: uniform@32 relabelled as an adaptive `codebook` cell (the tiny model cannot
-    run the shipped codebook), and random@64 on testbed_exist again, with another relative accuracy."""
+    run the shipped codebook), and random@64 on testbed_exist again, with another accuracy."""
     folder.mkdir()
     (folder / "samples").mkdir()
     with (first / "summary.csv").open() as f:
@@ -40,7 +40,7 @@ def _later_run(first, folder):
         if (row["method"], row["budget"]) == ("uniform", "32"):
             later.append({**row, "method": "codebook", "budget": "adaptive"})
         elif (row["method"], row["budget"], row["task"]) == ("random", "64", "testbed_exist"):
-            value = LATER_RELATIVE_ACCURACY if row["metric"] == "relative_accuracy" else row["value"]
+            value = LATER_ACCURACY if row["metric"] == "accuracy" else row["value"]
             later.append({**row, "value": value})
     with (folder / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -137,14 +137,18 @@ def test_markdown_has_a_row_per_method_and_the_stated_columns(board):
 
 def test_csv_numbers_are_the_summarys(board):
     value = _summary(board)
-    # The tiny random model answers some tasks all wrong: its relative accuracy there is missing (NaN).
+    # The tiny random model may answer every task all wrong: its relative accuracy is then missing (NaN).
     with (board["out"] / "leaderboard.csv").open() as f:
         rows = {(r["method"], r["budget"]): r for r in csv.DictReader(f)}
     assert set(rows) == {("none", "full"), ("codebook", "adaptive")} | {(m, b) for m in METHODS for b in ("64", "32")}
     for (method, budget), row in rows.items():
-        for metric in ("accuracy", "relative_accuracy", "agreement", "flip_correct_to_wrong", "first_token_kl"):
+        for metric in ("accuracy", "agreement", "flip_correct_to_wrong", "first_token_kl"):
             expected = _mean([value[(method, budget, t, metric)] for t in TASKS])
             assert _number(row[metric]) == pytest.approx(expected, nan_ok=True), (method, budget, metric)
+        # relative accuracy: a ratio of the summed accuracies, not a mean of per-task ratios
+        reference = sum(value[("none", "full", t, "accuracy")] for t in TASKS)
+        expected = sum(value[(method, budget, t, "accuracy")] for t in TASKS) / reference if reference else float("nan")
+        assert _number(row["relative_accuracy"]) == pytest.approx(expected, nan_ok=True), (method, budget)
 
         flops = np.mean([(value[(method, budget, t, "flops_prefill")] + value[(method, budget, t, "flops_vision")])
                          / (value[("none", "full", t, "flops_prefill")] + value[("none", "full", t, "flops_vision")])
@@ -154,14 +158,32 @@ def test_csv_numbers_are_the_summarys(board):
         assert float(row["flops_ratio"]) == pytest.approx(flops)
         assert float(row["prefill_speedup"]) == pytest.approx(speedup)
     # the later run won on random@64 / testbed_exist
-    assert float(rows[("random", "64")]["relative_accuracy"]) == pytest.approx(
-        _mean([LATER_RELATIVE_ACCURACY, value[("random", "64", "testbed_color", "relative_accuracy")]]))
+    assert float(rows[("random", "64")]["accuracy"]) == pytest.approx(
+        _mean([LATER_ACCURACY, value[("random", "64", "testbed_color", "accuracy")]]))
     # kept tokens per image, from the stored kept indices
     assert float(rows[("none", "full")]["visual_tokens_kept_per_image"]) == 576
     for method in METHODS:
         assert float(rows[(method, "32")]["visual_tokens_kept_per_image"]) == 32
     assert float(rows[("codebook", "adaptive")]["visual_tokens_kept_per_image"]) == 32
     assert rows[("none", "full")]["rank"] == "" and {rows[(m, "64")]["rank"] for m in METHODS} <= {"1", "2", "3", "4"}
+
+
+def test_relative_accuracy_is_a_ratio_of_means_a_floor_task_cannot_dominate():
+    """Two tasks: one answered at 0.9 unpruned, one at the floor (0.03). A method that loses half the
+    first and gains 0.1 on the second kept (0.45 + 0.13) / 0.93 of the accuracy; a mean of per-task
+    ratios would call it (0.5 + 4.33) / 2 = 2.4, better than unpruned."""
+    import pandas as pd
+
+    rows = []
+    for method, budget, accuracies in (("none", "full", (0.9, 0.03)), ("random", "64", (0.45, 0.13))):
+        for task, acc in zip(("a", "b"), accuracies):
+            rows += [("m", method, budget, task, "accuracy", acc), ("m", method, budget, task, "flops_prefill", 1.0),
+                     ("m", method, budget, task, "flops_vision", 1.0), ("m", method, budget, task, "prefill_ms", 1.0)]
+    summary = pd.DataFrame(rows, columns=list(leaderboard.run_folder.SUMMARY_COLUMNS))
+    cells = leaderboard.cell_table(leaderboard.task_table(summary, {})).set_index("method")
+    assert cells.loc["random", "relative_accuracy"] == pytest.approx((0.45 + 0.13) / 0.93)
+    assert cells.loc["none", "relative_accuracy"] == pytest.approx(1.0)
+    assert cells.loc["random", "accuracy"] == pytest.approx(0.29)
 
 
 def test_html_is_self_contained_with_embedded_plots(board):

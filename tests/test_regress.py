@@ -4,6 +4,7 @@ unusable input is refused with exit code 2, the paired tests' thresholds, histor
 import argparse
 import csv
 import json
+import re
 import shutil
 import sqlite3
 
@@ -237,7 +238,7 @@ def test_ci_writes_a_compact_baseline_then_passes(tiny_llava_dir, tmp_path, caps
     config.write_text(f"methods: [random]\nbudgets: [64]\ntasks: [{TASKS}]\nlimit: 2\ntiming_repeats: 1\n"
                       f"model: {tiny_llava_dir}\nbaseline: {tmp_path / 'baseline'}\n")
     assert harness("regress", "--ci", "--ci-config", config) == 2  # no baseline yet: refused before running
-    assert "baseline is not a folder" in capsys.readouterr().err
+    assert re.search(r"run folder not found: \S*baseline\b", capsys.readouterr().err)
     assert harness("regress", "--ci", "--ci-config", config, "--write-baseline") == 0
     assert sorted(p.name for p in (tmp_path / "baseline").iterdir()) == ["results.sqlite", "summary.csv"]
     with sqlite3.connect(tmp_path / "baseline" / "results.sqlite") as db:
