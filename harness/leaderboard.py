@@ -222,14 +222,14 @@ def cell_table(tasks: pd.DataFrame) -> pd.DataFrame:
     same tasks; costs are per-task ratios to the unpruned cell, averaged over the tasks."""
     tasks = tasks.assign(flops_ratio=tasks["cost"] / tasks["ref_cost"],
                          prefill_speedup=tasks["ref_prefill_ms"] / tasks["prefill_ms"], kept_per_image=tasks["kept"])
-    columns = ["accuracy", "relative_accuracy", "agreement", "flip_correct_to_wrong", "first_token_kl", "flops_ratio",
+    both = tasks["accuracy"].notna() & tasks["ref_accuracy"].notna()  # tasks counted on both sides of the ratio
+    tasks = tasks.assign(paired=tasks["accuracy"].where(both), paired_ref=tasks["ref_accuracy"].where(both))
+    columns = ["accuracy", "agreement", "flip_correct_to_wrong", "first_token_kl", "flops_ratio",
                "prefill_speedup", "kept_per_image"]
     grouped = tasks.groupby(["model", "method", "budget"], sort=False)
     cells = grouped[columns].mean().reset_index()  # NaN-skipping
-    both = tasks["accuracy"].notna() & tasks["ref_accuracy"].notna()
-    sums = tasks[both].groupby(["model", "method", "budget"], sort=False)[["accuracy", "ref_accuracy"]].sum()
-    ratio = (sums["accuracy"] / sums["ref_accuracy"].where(sums["ref_accuracy"] > 0)).rename("ratio")
-    cells["relative_accuracy"] = cells.merge(ratio.reset_index(), on=["model", "method", "budget"], how="left")["ratio"]
+    sums = grouped[["paired", "paired_ref"]].sum()  # same groups, same order as `cells`
+    cells.insert(4, "relative_accuracy", (sums["paired"] / sums["paired_ref"].where(sums["paired_ref"] > 0)).to_numpy())
     cells["tasks"] = grouped.size().to_numpy()
     cells["entry"] = [m if b != ADAPTIVE else f"{m} ({ADAPTIVE})" for m, b in zip(cells["method"], cells["budget"])]
     return cells

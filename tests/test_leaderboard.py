@@ -11,6 +11,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from harness import cli, leaderboard, runner
@@ -172,8 +173,6 @@ def test_relative_accuracy_is_a_ratio_of_means_a_floor_task_cannot_dominate():
     """Two tasks: one answered at 0.9 unpruned, one at the floor (0.03). A method that loses half the
     first and gains 0.1 on the second kept (0.45 + 0.13) / 0.93 of the accuracy; a mean of per-task
     ratios would call it (0.5 + 4.33) / 2 = 2.4, better than unpruned."""
-    import pandas as pd
-
     rows = []
     for method, budget, accuracies in (("none", "full", (0.9, 0.03)), ("random", "64", (0.45, 0.13))):
         for task, acc in zip(("a", "b"), accuracies):
