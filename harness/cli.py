@@ -34,6 +34,12 @@ RECIPE_FLAGS = [
     ("--position-weight", float, "weight of a loss keeping each image token's grid position readable from the "
                                  "projector output during instruction tuning (0 turns it off)"),
     ("--init-from", str, "take every weight from this llava-hf checkpoint and continue instruction tuning"),
+    ("--tower-steps", int, "with --init-from: first continue its vision tower for this many stage-1 steps"),
+    ("--tower-lr", float, "peak learning rate of that continuation"),
+    ("--letter-scenes", float, "share of each stage-1 batch drawn as reading scenes (4-8 letters, small shapes)"),
+    ("--letter-weight", float, "weight of a stage-1 kind loss over letter patches among the letters only"),
+    ("--anchor-weight", float, "weight of a loss keeping the continued tower's non-letter features near the "
+                               "donor's (0 turns it off)"),
     ("--turns", int, "questions per training conversation"),
     ("--single-batch", int, "images per single-image instruction step"),
     ("--eval-every", int, "instruction steps between validation evaluations"),

@@ -1,5 +1,7 @@
 """The testbed model is a real llava-hf-style checkpoint: it loads through the Auto classes and answers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -392,3 +394,70 @@ def test_target_loss_mass_or_spread():
     assert spread[0, 0] > 2 > spread[0, 1]  # one word ignored costs; an even split is the minimum
     per_question = T.target_loss(logp.expand(2, -1, -1), on.expand(2, -1, -1), torch.tensor([False, True]))
     assert torch.allclose(per_question, torch.cat([mass, spread]))
+
+
+def test_reading_scenes_hold_four_to_eight_letters_at_the_text_tasks_sizes():
+    scene = T.letter_scene(5)
+    assert scene == T.letter_scene(5) and scene != T.letter_scene(6)
+    for k in range(20):
+        letters = [o for o in T.letter_scene(k)["objects"] if o["kind"] == "letter"]
+        assert 4 <= len(letters) <= 8
+        assert all(26 <= o["box"][3] - o["box"][1] <= 38 for o in letters)
+    recipe = T.Recipe(letter_scenes=0.5)
+    scenes = T.vision_scenes(recipe, 1, step=3, batch=8)
+    assert scenes[:4] == [T.letter_scene(3 * 8 + j) for j in range(4)]
+    assert T.vision_scenes(recipe, 2, step=3, batch=8)[:4] != scenes[:4]  # alignment scenes stay the families'
+
+
+def test_letter_loss_covers_letter_patches_and_the_anchor_is_zero_on_the_donors_features():
+    model, _ = M.build_model(M.TINY, seed=0)
+    heads = T.VisionHeads(M.TINY.vision_hidden)
+    scenes = [T.letter_scene(0), T.letter_scene(1)]
+    batch = {"pixel_values": T.pixels(scenes), "targets": T.dense_targets(scenes)}
+    with torch.no_grad():
+        own = T.vision_features(model, batch["pixel_values"]).float()
+        plain, info = T.vision_loss(model, heads, batch)
+        loss, more = T.vision_loss(model, heads, batch, letter_weight=1.0, anchor=own, anchor_weight=1.0)
+        _, moved = T.vision_loss(model, heads, batch, anchor=own + 1.0, anchor_weight=1.0)
+    assert "letter" not in info and "anchor" not in info and 0 <= info["letter_acc"] <= 1
+    assert more["anchor"] == pytest.approx(0.0, abs=1e-6) and moved["anchor"] > 0
+    kind = batch["targets"]["kind"]
+    letters = kind >= T.FIRST_LETTER
+    with torch.no_grad():
+        logits = heads.kind(own[:, 1:])[letters][:, T.FIRST_LETTER:]
+        expected = torch.nn.functional.cross_entropy(logits, kind[letters] - T.FIRST_LETTER)
+    assert more["letter"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(loss) == pytest.approx(float(plain) + more["letter"], rel=1e-4)
+
+
+def test_a_tower_continuation_trains_the_tower_against_the_donors_and_resumes_with_it(tmp_path, tiny, monkeypatch):
+    """`--tower-steps` with `--init-from`: stage 1 continues the donor's tower (alignment skipped), the
+    anchor is the donor's tower, frozen, also after a resume, and instruction tuning follows."""
+    donor = LlavaForConditionalGeneration.from_pretrained(tiny).model.vision_tower.state_dict()
+    recipe = _tiny_recipe(init_from=str(tiny), tower_steps=2, letter_scenes=0.5, letter_weight=1.0,
+                          anchor_weight=1.0, instruct_steps=1)
+    real_lr_at = T.lr_at
+
+    def killed_at_tower_step_1(step, total, peak, warmup):
+        if peak == recipe.tower_lr and step == 1:
+            raise KeyboardInterrupt
+        return real_lr_at(step, total, peak, warmup)
+
+    monkeypatch.setattr(T, "lr_at", killed_at_tower_step_1)
+    first = T.Trainer(tmp_path / "w", recipe, log=lambda *_: None)
+    assert first.state == {"stage": "vision", "step": 0}
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    monkeypatch.setattr(T, "lr_at", real_lr_at)
+    resumed = T.Trainer(tmp_path / "w", recipe, log=lambda *_: None)
+    assert resumed.state == {"stage": "vision", "step": 1}
+    anchor = resumed.anchor.state_dict()
+    assert all(torch.equal(anchor[k], donor[k]) for k in donor)
+    tower = resumed.model.model.vision_tower.state_dict()
+    assert any(not torch.equal(tower[k], donor[k]) for k in donor)  # the continuation moved it
+    resumed.run()
+    stages = [json.loads(line) for line in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
+    tower_val = [s for s in stages if s["stage"] == "vision" and s["msg"] == "val"]
+    assert len(tower_val) == 1 and 0 <= tower_val[0]["letters_per_object"] <= 1
+    assert resumed.state["stage"] == "done" and not any(s["stage"] == "align" for s in stages)
+    assert all(torch.equal(resumed.anchor.state_dict()[k], donor[k]) for k in donor)

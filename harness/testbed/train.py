@@ -101,6 +101,19 @@ class Recipe:
     # A llava-hf checkpoint whose every weight is taken (stages 1-2 skipped): instruction tuning
     # continues from it.
     init_from: str | None = None
+    # With `init_from`: first continue its vision tower for this many stage-1 steps (then instruction
+    # tuning, alignment skipped). The tower read letters poorly (30% per object) because letters were
+    # 2.8% of its foreground patches; these three fields are how a continuation reads them better.
+    tower_steps: int = 0
+    tower_lr: float = 1e-3
+    # Share of each stage-1 batch drawn as reading scenes (4-8 letters at the text task's sizes and
+    # small shapes) instead of the question families' scenes.
+    letter_scenes: float = 0.0
+    # Weight of a second kind loss over letter patches alone, among the letters only.
+    letter_weight: float = 0.0
+    # Keep every non-letter patch's features near the donor tower's (MSE over their variance), so the
+    # projector and decoder trained on them still fit: only the letters' features are free to move.
+    anchor_weight: float = 0.0
     # A llava-hf checkpoint whose vision tower replaces stage 1 (its vision steps are then skipped).
     vision_from: str | None = None
     eval_every: int = 200
@@ -313,9 +326,27 @@ def reduced(sample: dict, keep: int, rng) -> dict | None:
     return {**small, "question": question, "answer": answer, "turns": rest, "referents": referents}
 
 
+def letter_scene(index: int) -> dict:
+    """A reading scene for the tower: 4-8 letters at the text task's sizes (26-38 px) and a few
+    mostly small shapes, every letter and colour equally likely."""
+    rng = np.random.default_rng([FAMILIES_SEED, 3, index])
+    while True:
+        wanted = [("letter", W.LETTERS[int(rng.integers(len(W.LETTERS)))],
+                   W.COLOR_NAMES[int(rng.integers(len(W.COLOR_NAMES)))], int(rng.integers(26, 39)))
+                  for _ in range(int(rng.integers(4, 9)))]
+        wanted += [("shape", W.SHAPES[int(rng.integers(len(W.SHAPES)))],
+                    W.COLOR_NAMES[int(rng.integers(len(W.COLOR_NAMES)))], W.sample_size(rng, 0.7))
+                   for _ in range(int(rng.integers(1, 5)))]
+        objects = W.place_objects(rng, wanted)
+        if objects is not None:
+            return {"bg": W.sample_background(rng), "objects": objects}
+
+
 def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> list[dict]:
-    """Single scenes drawn from every family (multi-image and video frames included)."""
-    scenes = []
+    """Single scenes drawn from every family (multi-image and video frames included), and in stage 1
+    a `letter_scenes` share of reading scenes."""
+    reading = round(recipe.letter_scenes * batch) if stage_offset == 1 else 0
+    scenes = [letter_scene(step * batch + j) for j in range(reading)]
     j = 0
     while len(scenes) < batch:
         fam = Q.FAMILIES[j % len(Q.FAMILIES)]
@@ -398,12 +429,17 @@ def vision_features(model, pixel_values):
     return out.hidden_states[model.config.vision_feature_layer]
 
 
-def vision_loss(model, heads, batch):
+FIRST_LETTER = W.KIND_CLASSES.index(W.LETTERS[0])
+
+
+def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, anchor_weight: float = 0.0):
+    """Stage 1's loss. `anchor`: the donor tower's patch features for the same pixels (see Recipe)."""
     t = batch["targets"]
     feats = vision_features(model, batch["pixel_values"]).float()
     cls, patches = feats[:, 0], feats[:, 1:]
     kind_logits, color_logits = heads.kind(patches), heads.color(patches)
     fg = t["kind"] > 0
+    letters = t["kind"] >= FIRST_LETTER
     # Objects cover ~15% of patches: their kind and colour get a loss of their own, not diluted by background.
     losses = {
         "kind": F.cross_entropy(kind_logits.flatten(0, 1), t["kind"].flatten())
@@ -415,9 +451,47 @@ def vision_loss(model, heads, batch):
         "position": F.mse_loss(heads.position(patches), t["position"]) * 3,
         "present": F.binary_cross_entropy_with_logits(heads.present(cls), t["present"]),
     }
-    centre = t["center"] > 0
-    kind_acc = (kind_logits.argmax(-1) == t["kind"])[centre].float().mean()
-    return sum(losses.values()), {**{k: float(v.detach()) for k, v in losses.items()}, "kind_acc_centre": float(kind_acc)}
+    if letter_weight and letters.any():
+        losses["letter"] = letter_weight * F.cross_entropy(kind_logits[letters][:, FIRST_LETTER:],
+                                                           t["kind"][letters] - FIRST_LETTER)
+    if anchor is not None and anchor_weight:
+        kept = ~letters
+        drift = (patches[kept] - anchor[:, 1:][kept]).pow(2).mean() / anchor[:, 1:][kept].var()
+        losses["anchor"] = anchor_weight * drift
+    right = kind_logits.argmax(-1) == t["kind"]
+    info = {"kind_acc_centre": float(right[t["center"] > 0].float().mean())}
+    if letters.any():
+        info["letter_acc"] = float(right[letters].float().mean())
+    return sum(losses.values()), {**{k: float(v.detach()) for k, v in losses.items()}, **info}
+
+
+@torch.no_grad()
+def tower_eval(model, heads, n: int = 48) -> dict[str, float]:
+    """Per-object kind accuracy of the stage-1 heads on validation scenes (the text and count
+    families'): each object's patches vote with their summed log-probabilities, as the linear probes
+    in TRAINING.md do. Letters, and shapes of at most 6 patches (what counting misreads)."""
+    scenes = [s for fam in ("text", "count") for i in range(n)
+              for s in Q.make_sample("validation", fam, i)["scenes"]]
+    right = {"letters": [], "small_shapes": [], "shapes": []}
+    for k in range(0, len(scenes), 16):
+        chunk = scenes[k:k + 16]
+        feats = vision_features(model, pixels(chunk).to(next(model.parameters()).device)).float()
+        logp = heads.kind(feats[:, 1:]).log_softmax(-1).cpu()
+        for scene, lp in zip(chunk, logp):
+            cover = W.patch_coverage(W.visible_masks(scene))
+            owner, has = cover.argmax(0), cover.max(0) >= 0.15
+            for i, obj in enumerate(scene["objects"]):
+                own = torch.from_numpy(has & (owner == i))
+                if not own.any():
+                    continue
+                ok = int(lp[own].sum(0).argmax()) == W.KIND_CLASSES.index(obj["name"])
+                if obj["kind"] == "letter":
+                    right["letters"].append(ok)
+                else:
+                    right["shapes"].append(ok)
+                    if int(own.sum()) <= 6:
+                        right["small_shapes"].append(ok)
+    return {f"{k}_per_object": round(float(np.mean(v)), 4) for k, v in right.items() if v}
 
 
 def word_ids(tokenizer, words):
@@ -666,8 +740,22 @@ class Trainer:
             self._resume()
         elif recipe.init_from:
             self._take(recipe.init_from, "init_from")
+            if recipe.tower_steps:
+                self.state = {"stage": "vision", "step": 0}
+                self._make_optimizer()
         elif recipe.vision_from:
             self._take(recipe.vision_from, "vision_from")
+        self.anchor = None  # the donor's tower, frozen: what the continued tower's features stay near
+        if recipe.init_from and recipe.tower_steps and recipe.anchor_weight and self.state["stage"] == "vision":
+            import copy
+
+            self.anchor = copy.deepcopy(self.model.model.vision_tower).requires_grad_(False)
+            if self.ckpt.exists():  # resumed: the donor's tower is in the donor, not in the checkpoint
+                from transformers import LlavaForConditionalGeneration
+
+                donor = LlavaForConditionalGeneration.from_pretrained(recipe.init_from)
+                self.anchor.load_state_dict(donor.model.vision_tower.state_dict())
+            self.anchor.to(self.device).eval()
 
     # Parameters trained in each stage.
     def _params(self, stage):
@@ -755,6 +843,8 @@ class Trainer:
         r = self.recipe
         stages = [("vision", r.vision_steps, r.vision_lr), ("align", r.align_steps, r.align_lr),
                   ("instruct", r.instruct_steps, r.instruct_lr)]
+        if r.init_from:  # every weight taken: at most a tower continuation, then instruction tuning
+            stages = [("vision", r.tower_steps, r.tower_lr)] * bool(r.tower_steps) + stages[2:]
         names = [s[0] for s in stages]
         for name, total, peak in stages[names.index(self.state["stage"]):]:
             if self.state["stage"] != name:
@@ -779,10 +869,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                 if step % 10 == 0:
-                    self.log("train", loss=round(float(loss), 4), lr=round(lr, 6),
+                    self.log("train", loss=round(float(loss.detach()), 4), lr=round(lr, 6),
                              **{k: round(v, 4) for k, v in info.items()})
                 if name == "instruct" and (step + 1) % r.eval_every == 0:
                     self.log("val", **quick_eval(self.model, self.processor, "validation", r.eval_samples))
+                if name == "vision" and step + 1 == total:
+                    self.log("val", **tower_eval(self.model, self.heads))
                 if (step + 1) % r.checkpoint_every == 0 or step + 1 == total:
                     self.save_checkpoint()
             bar.close()
@@ -793,7 +885,13 @@ class Trainer:
         batch = {k: (v.to(self.device) if torch.is_tensor(v) else
                      {n: t.to(self.device) for n, t in v.items()}) for k, v in batch.items()}
         if stage == "vision":
-            return vision_loss(self.model, self.heads, batch)
+            anchor = None
+            if self.anchor is not None:
+                with torch.no_grad():
+                    anchor = self.anchor(batch["pixel_values"], output_hidden_states=True)
+                    anchor = anchor.hidden_states[self.model.config.vision_feature_layer].float()
+            return vision_loss(self.model, self.heads, batch, self.recipe.letter_weight, anchor,
+                               self.recipe.anchor_weight)
         if stage == "align":
             return align_loss(self.model, self.tokenizer, batch, self.align_head)
         evidence = batch.pop("evidence", None)
