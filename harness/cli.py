@@ -40,6 +40,8 @@ RECIPE_FLAGS = [
     ("--letter-weight", float, "weight of a stage-1 kind loss over letter patches among the letters only"),
     ("--anchor-weight", float, "weight of a loss keeping the continued tower's non-letter features near the "
                                "donor's (0 turns it off)"),
+    ("--balance-counts", bool, "thin the derived count questions towards uniform answers (one answering n is "
+                               "kept with probability (n/4)^2)"),
     ("--turns", int, "questions per training conversation"),
     ("--single-batch", int, "images per single-image instruction step"),
     ("--eval-every", int, "instruction steps between validation evaluations"),

@@ -461,3 +461,17 @@ def test_a_tower_continuation_trains_the_tower_against_the_donors_and_resumes_wi
     assert len(tower_val) == 1 and 0 <= tower_val[0]["letters_per_object"] <= 1
     assert resumed.state["stage"] == "done" and not any(s["stage"] == "align" for s in stages)
     assert all(torch.equal(resumed.anchor.state_dict()[k], donor[k]) for k in donor)
+
+
+def test_balanced_counts_thin_only_count_questions_towards_uniform_answers():
+    def turns(balance):
+        recipe = T.Recipe(balance_counts=balance, turns=1000, single_batch=12, curriculum_steps=0)
+        return [s["turns"] for step in (0, 6, 12) for s in T.instruct_samples(recipe, step)]
+
+    plain, balanced = turns(False), turns(True)
+    others = lambda ts: [t[:2] for t in ts if t[0] not in T.COUNT_QUESTIONS]
+    assert all(others(a) == others(b) for a, b in zip(plain, balanced))  # nothing else moves
+    answers = lambda runs: [t[1] for ts in runs for t in ts if t[0] in T.COUNT_QUESTIONS]
+    before, after = answers(plain), answers(balanced)
+    assert before.count("1") / len(before) > 0.55  # the scenes' shapes are mostly single
+    assert after.count("1") / len(after) < 0.4 and after.count("4") == before.count("4")
