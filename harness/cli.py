@@ -42,6 +42,8 @@ RECIPE_FLAGS = [
                                "donor's (0 turns it off)"),
     ("--balance-counts", bool, "thin the derived count questions towards uniform answers (one answering n is "
                                "kept with probability (n/4)^2)"),
+    ("--reading-share", float, "share of each single-image instruction batch drawn as reading scenes (4-8 "
+                                "letters) with every question they allow"),
     ("--turns", int, "questions per training conversation"),
     ("--single-batch", int, "images per single-image instruction step"),
     ("--eval-every", int, "instruction steps between validation evaluations"),

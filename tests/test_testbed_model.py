@@ -475,3 +475,18 @@ def test_balanced_counts_thin_only_count_questions_towards_uniform_answers():
     before, after = answers(plain), answers(balanced)
     assert before.count("1") / len(before) > 0.55  # the scenes' shapes are mostly single
     assert after.count("1") / len(after) < 0.4 and after.count("4") == before.count("4")
+
+
+def test_reading_samples_ask_a_letter_of_a_unique_colour_and_take_their_share_of_single_steps():
+    sample = T.reading_sample(3)
+    assert sample == T.reading_sample(3)
+    scene = sample["scenes"][0]
+    letters = [o for o in scene["objects"] if o["kind"] == "letter"]
+    asked = [o for o in letters if Q.ask_text(o["color"]) == sample["question"]]
+    assert len(asked) == 1 and asked[0]["name"] == sample["answer"]
+    assert sample["evidence"] == W.evidence_patches(scene, [scene["objects"].index(asked[0])])
+    samples = T.instruct_samples(T.Recipe(reading_share=0.25, single_batch=8, curriculum_steps=0), 0)
+    assert [s["id"] for s in samples[-2:]] == ["train-reading-0", "train-reading-1"]
+    assert sum(q.startswith("Which letter") for q, _, _ in samples[-1]["turns"]) >= 1
+    plain = T.instruct_samples(T.Recipe(single_batch=8, curriculum_steps=0), 0)
+    assert [s["id"] for s in samples[:6]] == [s["id"] for s in plain[:6]]

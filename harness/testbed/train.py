@@ -121,6 +121,10 @@ class Recipe:
     # were "1" and 2% "4" (the count family asks 1-4 uniformly), and the model undercounted: on the
     # test split a 4 was mostly answered 3, a 3 mostly 2 (TRAINING.md).
     balance_counts: bool = False
+    # Share of each single-image instruction batch drawn as reading scenes (`letter_scene`: 4-8 letters)
+    # with every question they allow: text questions are otherwise ~1.5% of the training turns (only
+    # the text family's 2-4 letters per image carry any).
+    reading_share: float = 0.0
     eval_every: int = 200
     eval_samples: int = 40
     checkpoint_every: int = 50
@@ -275,14 +279,16 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
     kind = instruct_kind(recipe, step)
     if kind == "single":
         fams = Q.SINGLE_IMAGE_FAMILIES
-        picks = [(fams[j % len(fams)], step * recipe.single_batch + j) for j in range(recipe.single_batch)]
+        reading = round(recipe.reading_share * recipe.single_batch)
+        picks = [(fams[j % len(fams)], step * recipe.single_batch + j) for j in range(recipe.single_batch - reading)]
+        picks += [("reading", step * recipe.single_batch + j) for j in range(reading)]
     else:
         batch = recipe.multi_batch if kind == "multi_image" else recipe.video_batch
         picks = [(kind, step * batch + j) for j in range(batch)]
     samples = []
     for family, index in picks:
-        sample = Q.make_sample("train", family, index)
-        rng = np.random.default_rng([recipe.seed, FAMILIES_SEED, Q.FAMILIES.index(family), index])
+        sample = reading_sample(index) if family == "reading" else Q.make_sample("train", family, index)
+        rng = np.random.default_rng([recipe.seed, FAMILIES_SEED, Q.FAMILIES.index(sample["family"]), index])
         keep = curriculum_objects(recipe, step)
         if keep is not None and kind == "single":
             sample = reduced(sample, keep, rng)
@@ -348,6 +354,21 @@ def letter_scene(index: int) -> dict:
         objects = W.place_objects(rng, wanted)
         if objects is not None:
             return {"bg": W.sample_background(rng), "objects": objects}
+
+
+def reading_sample(index: int) -> dict:
+    """A training sample on a reading scene, asking which letter one unique colour is written in
+    (its conversation then asks every other question the scene allows)."""
+    for k in range(index * 8, index * 8 + 64):
+        scene = letter_scene(1_000_000_000 + k)  # never one of stage 1's reading scenes
+        objs = scene["objects"]
+        colours = [o["color"] for o in objs if o["kind"] == "letter"]
+        unique = [i for i, o in enumerate(objs) if o["kind"] == "letter" and colours.count(o["color"]) == 1]
+        if unique:
+            target = objs[unique[0]]
+            return {"id": f"train-reading-{index}", "family": "text", "question": Q.ask_text(target["color"]),
+                    "answer": target["name"], "scenes": [scene], "evidence": W.evidence_patches(scene, unique[:1])}
+    raise RuntimeError(f"no reading scene with a uniquely coloured letter near index {index}")
 
 
 def vision_scenes(recipe: Recipe, stage_offset: int, step: int, batch: int) -> list[dict]:
