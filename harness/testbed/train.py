@@ -452,9 +452,10 @@ def attribute_targets(scenes) -> torch.Tensor:
     return torch.cat([colours, kinds], dim=1)
 
 
-def vision_features(model, pixel_values):
-    """Penultimate-layer ViT states, [CLS] first: what LLaVA reads (vision_feature_layer=-2)."""
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+def vision_features(model, pixel_values, tower=None):
+    """Penultimate-layer ViT states, [CLS] first: what LLaVA reads (vision_feature_layer=-2).
+    `tower`: another tower of the same shape read the same way (the anchor), else the model's."""
+    out = (model.model.vision_tower if tower is None else tower)(pixel_values, output_hidden_states=True)
     return out.hidden_states[model.config.vision_feature_layer]
 
 
@@ -507,10 +508,9 @@ def tower_eval(model, heads, n: int = 48) -> dict[str, float]:
         feats = vision_features(model, pixels(chunk).to(next(model.parameters()).device)).float()
         logp = heads.kind(feats[:, 1:]).log_softmax(-1).cpu()
         for scene, lp in zip(chunk, logp):
-            cover = W.patch_coverage(W.visible_masks(scene))
-            owner, has = cover.argmax(0), cover.max(0) >= 0.15
+            owner = W.patch_owner(scene)  # the patches stage 1 labels with each object
             for i, obj in enumerate(scene["objects"]):
-                own = torch.from_numpy(has & (owner == i))
+                own = torch.from_numpy(owner == i)
                 if not own.any():
                     continue
                 ok = int(lp[own].sum(0).argmax()) == W.KIND_CLASSES.index(obj["name"])
@@ -917,8 +917,7 @@ class Trainer:
             anchor = None
             if self.anchor is not None:
                 with torch.no_grad():
-                    anchor = self.anchor(batch["pixel_values"], output_hidden_states=True)
-                    anchor = anchor.hidden_states[self.model.config.vision_feature_layer].float()
+                    anchor = vision_features(self.model, batch["pixel_values"], tower=self.anchor).float()
             return vision_loss(self.model, self.heads, batch, self.recipe.letter_weight, anchor,
                                self.recipe.anchor_weight)
         if stage == "align":

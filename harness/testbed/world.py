@@ -147,6 +147,14 @@ def centre_patch(obj: dict) -> int:
     return (cy // PATCH) * GRID + cx // PATCH
 
 
+def patch_owner(scene: dict, min_cover: float = 0.15) -> np.ndarray:
+    """[576] index of the object covering most of each patch, if it covers at least `min_cover`; else -1."""
+    if not scene["objects"]:
+        return np.full(GRID * GRID, -1)
+    cover = patch_coverage(visible_masks(scene))
+    return np.where(cover.max(axis=0) >= min_cover, cover.argmax(axis=0), -1)
+
+
 def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
     """Dense per-patch targets for the vision tower: kind, colour, object centre, grid position.
 
@@ -157,13 +165,12 @@ def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
     center = np.zeros(GRID * GRID, np.float32)
     objs = scene["objects"]
     if objs:
-        cover = patch_coverage(visible_masks(scene))
-        best = cover.argmax(axis=0)
-        has = cover.max(axis=0) >= min_cover
+        owner = patch_owner(scene, min_cover)
+        has = owner >= 0
         kind_ids = np.array([KIND_CLASSES.index(o["name"]) for o in objs])
         color_ids = np.array([COLOR_CLASSES.index(o["color"]) for o in objs])
-        kinds[has] = kind_ids[best[has]]
-        colors[has] = color_ids[best[has]]
+        kinds[has] = kind_ids[owner[has]]
+        colors[has] = color_ids[owner[has]]
         for o in objs:
             center[centre_patch(o)] = 1.0
     rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
