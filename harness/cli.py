@@ -44,6 +44,8 @@ RECIPE_FLAGS = [
                                "kept with probability (n/4)^2)"),
     ("--reading-share", float, "share of each single-image instruction batch drawn as reading scenes (4-8 "
                                 "letters) with every question they allow"),
+    ("--count-share", float, "share of each single-image instruction batch drawn from the count family on top "
+                              "of its round-robin slot"),
     ("--turns", int, "questions per training conversation"),
     ("--single-batch", int, "images per single-image instruction step"),
     ("--eval-every", int, "instruction steps between validation evaluations"),

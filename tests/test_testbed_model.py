@@ -490,3 +490,11 @@ def test_reading_samples_ask_a_letter_of_a_unique_colour_and_take_their_share_of
     assert sum(q.startswith("Which letter") for q, _, _ in samples[-1]["turns"]) >= 1
     plain = T.instruct_samples(T.Recipe(single_batch=8, curriculum_steps=0), 0)
     assert [s["id"] for s in samples[:6]] == [s["id"] for s in plain[:6]]
+
+
+def test_count_share_adds_count_family_samples_before_the_reading_ones():
+    both = T.instruct_samples(T.Recipe(count_share=0.25, reading_share=0.25, single_batch=8, curriculum_steps=0), 1)
+    assert [s["id"] for s in both[4:]] == ["train-count-12", "train-count-13", "train-reading-8", "train-reading-9"]
+    assert [s["family"] for s in both[:4]] == list(Q.SINGLE_IMAGE_FAMILIES[:4])
+    with pytest.raises(ValueError, match="exceed 1"):
+        T.instruct_samples(T.Recipe(count_share=0.75, reading_share=0.5, single_batch=8), 0)

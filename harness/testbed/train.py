@@ -125,6 +125,9 @@ class Recipe:
     # with every question they allow: text questions are otherwise ~1.5% of the training turns (only
     # the text family's 2-4 letters per image carry any).
     reading_share: float = 0.0
+    # Share of each single-image instruction batch drawn from the count family on top of its round-robin
+    # slot: counting is the family that gains slowest (its answer is a proportion read off two heads).
+    count_share: float = 0.0
     eval_every: int = 200
     eval_samples: int = 40
     checkpoint_every: int = 50
@@ -279,9 +282,17 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
     kind = instruct_kind(recipe, step)
     if kind == "single":
         fams = Q.SINGLE_IMAGE_FAMILIES
-        reading = round(recipe.reading_share * recipe.single_batch)
-        picks = [(fams[j % len(fams)], step * recipe.single_batch + j) for j in range(recipe.single_batch - reading)]
-        picks += [("reading", step * recipe.single_batch + j) for j in range(reading)]
+        extra = {"count": round(recipe.count_share * recipe.single_batch),
+                 "reading": round(recipe.reading_share * recipe.single_batch)}
+        plain = recipe.single_batch - sum(extra.values())
+        if plain < 0:
+            raise ValueError(f"--count-share and --reading-share together exceed 1 ({recipe.count_share} + "
+                             f"{recipe.reading_share})")
+        picks = [(fams[j % len(fams)], step * recipe.single_batch + j) for j in range(plain)]
+        # Extra count samples take the indices of the slots they displace (no round-robin count has them);
+        # reading scenes have their own index space.
+        picks += [("count", step * recipe.single_batch + plain + k) for k in range(extra["count"])]
+        picks += [("reading", step * recipe.single_batch + k) for k in range(extra["reading"])]
     else:
         batch = recipe.multi_batch if kind == "multi_image" else recipe.video_batch
         picks = [(kind, step * batch + j) for j in range(batch)]
