@@ -46,6 +46,8 @@ RECIPE_FLAGS = [
                                 "letters) with every question they allow"),
     ("--count-share", float, "share of each single-image instruction batch drawn from the count family on top "
                               "of its round-robin slot"),
+    ("--count-attention-weight", float, "weight of the count questions' rows in the retrieval heads' attention "
+                                        "loss, relative to the other questions' (1 = the same)"),
     ("--turns", int, "questions per training conversation"),
     ("--single-batch", int, "images per single-image instruction step"),
     ("--eval-every", int, "instruction steps between validation evaluations"),

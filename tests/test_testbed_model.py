@@ -214,6 +214,12 @@ def test_count_questions_can_target_sink_and_object_centres():
     word_loss = -torch.logsumexp(words.masked_fill(~ev["words"], float("-inf")), -1).mean()
     expected = (word_loss + torch.where(ev["spread"][:, None], even, mass).mean()) / 2
     assert torch.isclose(loss, expected, atol=1e-5)
+    # --count-attention-weight scales the count rows of the patch term only.
+    with torch.no_grad():
+        weighted = T.attention_loss(model, out.hidden_states, batch, ev, 1, count_weight=3.0)
+    scale = torch.where(ev["spread"], 3.0, 1.0)[:, None]
+    expected = (word_loss + (torch.where(ev["spread"][:, None], even, mass) * scale).mean()) / 2
+    assert torch.isclose(weighted, expected, atol=1e-5) and weighted > loss
 
 
 def test_recomputed_answer_attention_equals_the_models_own():
