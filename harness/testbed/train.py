@@ -286,17 +286,17 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
     kind = instruct_kind(recipe, step)
     if kind == "single":
         fams = Q.SINGLE_IMAGE_FAMILIES
-        extra = {"count": round(recipe.count_share * recipe.single_batch),
-                 "reading": round(recipe.reading_share * recipe.single_batch)}
-        plain = recipe.single_batch - sum(extra.values())
+        counts = round(recipe.count_share * recipe.single_batch)
+        reading = round(recipe.reading_share * recipe.single_batch)
+        plain = recipe.single_batch - counts - reading
         if plain < 0:
             raise ValueError(f"--count-share and --reading-share together exceed 1 ({recipe.count_share} + "
                              f"{recipe.reading_share})")
         picks = [(fams[j % len(fams)], step * recipe.single_batch + j) for j in range(plain)]
         # Extra count samples take the indices of the slots they displace (no round-robin count has them);
         # reading scenes have their own index space.
-        picks += [("count", step * recipe.single_batch + plain + k) for k in range(extra["count"])]
-        picks += [("reading", step * recipe.single_batch + k) for k in range(extra["reading"])]
+        picks += [("count", step * recipe.single_batch + plain + k) for k in range(counts)]
+        picks += [("reading", step * recipe.single_batch + k) for k in range(reading)]
     else:
         batch = recipe.multi_batch if kind == "multi_image" else recipe.video_batch
         picks = [(kind, step * batch + j) for j in range(batch)]
@@ -707,7 +707,7 @@ def attention_loss(model, hidden_states, batch, evidence, layer: int, spread_wor
         logp = answer_attention(model, hidden_states, batch, evidence["rows"], evidence["positions"], at, heads)
         spread = evidence["spread"] if target == "patches" else spread_words
         per_row = target_loss(logp, evidence[target], spread)
-        if target == "patches" and count_weight != 1.0:
+        if target == "patches":  # a weight of 1 leaves the loss bit for bit as it was
             per_row = per_row * torch.where(evidence["spread"], count_weight, 1.0).to(per_row)[:, None]
         loss = loss + per_row.mean()
     return loss / 2
