@@ -48,6 +48,13 @@ RECIPE_FLAGS = [
                               "of its round-robin slot"),
     ("--count-attention-weight", float, "weight of the count questions' rows in the retrieval heads' attention "
                                         "loss, relative to the other questions' (1 = the same)"),
+    ("--count-heads-weight", float, "weight of a loss teaching counts to heads 2-3 of the retrieval layer as well "
+                                    "(attention on <s> and the counted centres, count read out); needs "
+                                    "--count-centres (0 turns it off)"),
+    ("--kind-count-weight", float, "weight of a stage-1 loss teaching every patch of a shape how many shapes of "
+                                   "its kind the scene holds (0 turns it off)"),
+    ("--count-readout", bool, "read counts out of the retrieval heads also with the default count target "
+                              "(every patch of every counted object)"),
     ("--turns", int, "questions per training conversation"),
     ("--single-batch", int, "images per single-image instruction step"),
     ("--eval-every", int, "instruction steps between validation evaluations"),

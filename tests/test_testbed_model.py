@@ -222,6 +222,41 @@ def test_count_questions_can_target_sink_and_object_centres():
     assert torch.isclose(weighted, expected, atol=1e-5) and weighted > loss
 
 
+def test_count_heads_loss_is_heads_2_3_attention_and_read_out():
+    """--count-heads-weight: on count rows only, heads 2-3 of the retrieval layer spread over <s> and
+    the counted centres, and their own output (what o_proj receives from them, as eager attention
+    computes it) names the count through the final norm and lm_head."""
+    import torch.nn.functional as F
+
+    model, processor = M.build_model(M.TINY)
+    model.set_attn_implementation("eager")
+    tok, image_id = processor.tokenizer, model.config.image_token_id
+    recipe = T.Recipe(curriculum_steps=0, count_centres=True)
+    samples = [s for step in range(0, 24, 6) for s in T.instruct_samples(recipe, step) if s["family"] == "count"][:3]
+    batch = T.collate(samples, tok, image_id)
+    ev = batch.pop("evidence")
+    attn = model.model.language_model.layers[1].self_attn
+    seen = {}
+    hook = attn.o_proj.register_forward_pre_hook(lambda _, args: seen.update(heads=args[0]))
+    additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], -1e30)
+    with torch.no_grad():
+        out = model(**{**batch, "attention_mask": additive}, output_hidden_states=True, output_attentions=True)
+        loss = T.count_heads_loss(model, out.hidden_states, batch, ev, 1)
+    hook.remove()
+    c = ev["spread"]
+    rows, positions, on = ev["rows"][c], ev["positions"][c], ev["patches"][c]
+    probs = out.attentions[1][rows, 2:4, positions]  # (n, 2, T)
+    attention = -(probs.log().masked_fill(~on, 0).sum(-1) / on.sum(-1)).mean()
+    d = attn.head_dim
+    own = seen["heads"][rows, positions, 2 * d:4 * d] @ attn.o_proj.weight[:, 2 * d:4 * d].T
+    logits = model.lm_head(model.model.language_model.norm(own))
+    readout = F.cross_entropy(logits, batch["labels"][rows, positions + 1])
+    assert c.any() and torch.isclose(loss, (attention + readout) / 2, atol=1e-4)
+    # Without count rows the loss is zero (and still part of the graph).
+    none = {k: (v[~c] if torch.is_tensor(v) and len(v) == len(c) else v) for k, v in ev.items()}
+    assert float(T.count_heads_loss(model, out.hidden_states, batch, none, 1)) == 0.0
+
+
 def test_recomputed_answer_attention_equals_the_models_own():
     """The attention loss recomputes heads 0-1 of one layer; it must equal what eager attention returns."""
     model, processor = M.build_model(M.TINY)
@@ -436,6 +471,30 @@ def test_letter_loss_covers_letter_patches_and_the_anchor_is_zero_on_the_donors_
     assert float(loss) == pytest.approx(float(plain) + more["letter"], rel=1e-4)
 
 
+def test_kind_count_loss_covers_shape_patches_and_the_new_head_leaves_the_others_initialisation():
+    model, _ = M.build_model(M.TINY, seed=0)
+    torch.manual_seed(3)
+    heads = T.VisionHeads(M.TINY.vision_hidden)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    for out in (len(W.KIND_CLASSES), len(W.COLOR_CLASSES), 1, 2, len(W.KIND_CLASSES) - 1 + len(W.COLOR_CLASSES) - 1):
+        torch.nn.Linear(M.TINY.vision_hidden, out)  # the five heads that existed before kind_count
+    assert torch.equal(torch.rand(1), after)
+    scenes = [Q.make_sample("train", "count", i)["scenes"][0] for i in range(2)]
+    batch = {"pixel_values": T.pixels(scenes), "targets": T.dense_targets(scenes)}
+    with torch.no_grad():
+        plain, info = T.vision_loss(model, heads, batch)
+        loss, more = T.vision_loss(model, heads, batch, kind_count_weight=2.0)
+        feats = T.vision_features(model, batch["pixel_values"]).float()[:, 1:]
+        t = batch["targets"]
+        shapes = t["kind_count"] > 0
+        expected = 2.0 * torch.nn.functional.cross_entropy(heads.kind_count(feats[shapes]), t["kind_count"][shapes])
+    assert shapes.any() and not (shapes & (t["kind"] == 0)).any() and "kind_count" not in info
+    assert more["kind_count"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(loss) == pytest.approx(float(plain) + more["kind_count"], rel=1e-4)
+    assert 0 <= more["kind_count_acc"] <= 1
+
+
 def test_a_tower_continuation_trains_the_tower_against_the_donors_and_resumes_with_it(tmp_path, tiny, monkeypatch):
     """`--tower-steps` with `--init-from`: stage 1 continues the donor's tower (alignment skipped), the
     anchor is the donor's tower, frozen, also after a resume, and instruction tuning follows."""
@@ -467,6 +526,23 @@ def test_a_tower_continuation_trains_the_tower_against_the_donors_and_resumes_wi
     assert len(tower_val) == 1 and 0 <= tower_val[0]["letters_per_object"] <= 1
     assert resumed.state["stage"] == "done" and not any(s["stage"] == "align" for s in stages)
     assert all(torch.equal(resumed.anchor.state_dict()[k], donor[k]) for k in donor)
+
+
+def test_counts_as_an_attribute_train_the_count_head_then_read_counts_out(tmp_path, tiny):
+    """--kind-count-weight trains stage 1's count head (logged, and evaluated per object at the end of
+    the stage); --count-readout adds the counts to the read-out's answers with the default count target."""
+    recipe = _tiny_recipe(init_from=str(tiny), tower_steps=1, kind_count_weight=1.0, count_centres=False,
+                          count_readout=True, instruct_steps=1)
+    trainer = T.Trainer(tmp_path / "w", recipe, log=lambda *_: None)
+    counts = set(T.word_ids(trainer.tokenizer, ["1", "2", "3", "4"]))
+    assert counts <= set(trainer._attribute_ids.tolist())
+    plain = T.Trainer(tmp_path / "p", _tiny_recipe(count_centres=False), log=lambda *_: None)
+    assert not counts & set(plain._attribute_ids.tolist())
+    trainer.run()
+    log = [json.loads(line) for line in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
+    assert any("kind_count" in e for e in log if e["stage"] == "vision" and e["msg"] == "train")
+    tower_val = [e for e in log if e["stage"] == "vision" and e["msg"] == "val"]
+    assert len(tower_val) == 1 and 0 <= tower_val[0]["kind_count_per_object"] <= 1
 
 
 def test_balanced_counts_thin_only_count_questions_towards_uniform_answers():

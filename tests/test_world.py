@@ -70,6 +70,21 @@ def test_patch_labels():
     assert np.allclose(labels["position"][25], [1 / 23, 1 / 23])
 
 
+def test_patch_labels_count_each_shapes_kind():
+    """Every patch of a shape is labelled with how many shapes of its kind the scene holds; letters
+    and background with 0 (the stage-1 target of --kind-count-weight)."""
+    scene = _scene(_obj("circle", "green", (0, 0, 42, 42)), _obj("circle", "red", (140, 140, 196, 196)),
+                   _obj("square", "blue", (280, 0, 322, 42)), _obj("T", "white", (0, 280, 20, 308), "letter"))
+    labels = W.patch_labels(scene)
+    count = labels["kind_count"]
+    assert count[25] == 2 and count[(168 // 14) * 24 + 168 // 14] == 2  # both circles
+    assert count[21] == 1  # the square
+    assert labels["kind"][20 * 24] == W.KIND_CLASSES.index("T") and count[20 * 24] == 0  # the letter
+    assert count[12 * 24 + 2] == 0  # background
+    many = _scene(*[_obj("circle", "green", (x, 0, x + 28, 28)) for x in range(0, 336, 42)])
+    assert W.patch_labels(many)["kind_count"].max() == W.MAX_KIND_COUNT  # 8 circles: "6 or more"
+
+
 def _objects(sample):
     return [o for s in sample["scenes"] for o in s["objects"]]
 

@@ -132,6 +132,17 @@ class Recipe:
     # questions': a count is read from <s>'s share, 1/(n+1), so mass that leaks off <s> and the counted
     # centres (~half of it in instruct_8) is noise of the size of the difference between 3 and 4.
     count_attention_weight: float = 1.0
+    # Weight of `count_heads_loss`: counts also taught to heads 2-3 of `attention_layer`, whose values
+    # carry nothing else (needs `count_centres`). Three recipes aimed at heads 0-1 left counting at
+    # 0.65-0.675 (TRAINING.md): their values also carry colour and position, noise in the read-out.
+    count_heads_weight: float = 0.0
+    # Counts as an attribute, read like a colour (TRAINING.md, "What to try next"): in stage 1 every
+    # patch of a shape also learns how many shapes of its kind the scene holds (`kind_count_weight`);
+    # in instruction tuning the read-out also covers counts with the default count target (every patch
+    # of every counted object, `count_readout`), so the heads average a count every patch carries
+    # instead of measuring <s>'s share.
+    kind_count_weight: float = 0.0
+    count_readout: bool = False
     eval_every: int = 200
     eval_samples: int = 40
     checkpoint_every: int = 50
@@ -440,6 +451,9 @@ class VisionHeads(torch.nn.Module):
         self.center = torch.nn.Linear(hidden, 1)
         self.position = torch.nn.Linear(hidden, 2)
         self.present = torch.nn.Linear(hidden, len(W.KIND_CLASSES) - 1 + len(W.COLOR_CLASSES) - 1)
+        with torch.random.fork_rng():  # added later: every other module keeps the initialisation it had
+            torch.manual_seed(0)
+            self.kind_count = torch.nn.Linear(hidden, W.MAX_KIND_COUNT + 1)  # trained with `kind_count_weight`
 
 
 def dense_targets(scenes):
@@ -453,7 +467,8 @@ def dense_targets(scenes):
             present[i, len(W.KIND_CLASSES) - 1 + W.COLOR_CLASSES.index(o["color"]) - 1] = 1
     return {"kind": kind, "color": color, "present": present,
             "center": torch.from_numpy(np.stack([l["center"] for l in labels])),
-            "position": torch.from_numpy(np.stack([l["position"] for l in labels]))}
+            "position": torch.from_numpy(np.stack([l["position"] for l in labels])),
+            "kind_count": torch.from_numpy(np.stack([l["kind_count"] for l in labels]))}
 
 
 def attribute_targets(scenes) -> torch.Tensor:
@@ -477,7 +492,8 @@ def vision_features(model, pixel_values, tower=None):
 FIRST_LETTER = W.KIND_CLASSES.index(W.LETTERS[0])
 
 
-def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, anchor_weight: float = 0.0):
+def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, anchor_weight: float = 0.0,
+                kind_count_weight: float = 0.0):
     """Stage 1's loss. `anchor`: the donor tower's patch features for the same pixels (see Recipe)."""
     t = batch["targets"]
     feats = vision_features(model, batch["pixel_values"]).float()
@@ -499,6 +515,10 @@ def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, an
     if letter_weight and letters.any():
         losses["letter"] = letter_weight * F.cross_entropy(kind_logits[letters][:, FIRST_LETTER:],
                                                            t["kind"][letters] - FIRST_LETTER)
+    shapes = (t["kind_count"] > 0) & fg
+    if kind_count_weight and shapes.any():
+        losses["kind_count"] = kind_count_weight * F.cross_entropy(heads.kind_count(patches[shapes]),
+                                                                   t["kind_count"][shapes])
     if anchor is not None and anchor_weight:
         kept = ~letters
         drift = (patches[kept] - anchor[:, 1:][kept]).pow(2).mean() / anchor[:, 1:][kept].var()
@@ -507,23 +527,29 @@ def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, an
     info = {"kind_acc_centre": float(right[t["center"] > 0].float().mean())}
     if letters.any():
         info["letter_acc"] = float(right[letters].float().mean())
+    if kind_count_weight and shapes.any():
+        counted = heads.kind_count(patches[shapes]).argmax(-1) == t["kind_count"][shapes]
+        info["kind_count_acc"] = float(counted.float().mean())
     return sum(losses.values()), {**{k: float(v.detach()) for k, v in losses.items()}, **info}
 
 
 @torch.no_grad()
-def tower_eval(model, heads, n: int = 48) -> dict[str, float]:
+def tower_eval(model, heads, n: int = 48, counts: bool = False) -> dict[str, float]:
     """Per-object kind accuracy of the stage-1 heads on validation scenes (the text and count
     families'): each object's patches vote with their summed log-probabilities, as the linear probes
-    in TRAINING.md do. Letters, and shapes of at most 6 patches (what counting misreads)."""
+    in TRAINING.md do. Letters, and shapes of at most 6 patches (what counting misreads); with
+    `counts`, also each shape's count of its kind, voted the same way."""
     scenes = [s for fam in ("text", "count") for i in range(n)
               for s in Q.make_sample("validation", fam, i)["scenes"]]
-    right = {"letters": [], "small_shapes": [], "shapes": []}
+    right = {"letters": [], "small_shapes": [], "shapes": [], "kind_count": []}
     for k in range(0, len(scenes), 16):
         chunk = scenes[k:k + 16]
         feats = vision_features(model, pixels(chunk).to(next(model.parameters()).device)).float()
         logp = heads.kind(feats[:, 1:]).log_softmax(-1).cpu()
-        for scene, lp in zip(chunk, logp):
+        count_logp = heads.kind_count(feats[:, 1:]).log_softmax(-1).cpu()
+        for scene, lp, clp in zip(chunk, logp, count_logp):
             owner = W.patch_owner(scene)  # the patches stage 1 labels with each object
+            kind_count = W.patch_labels(scene)["kind_count"]
             for i, obj in enumerate(scene["objects"]):
                 own = torch.from_numpy(owner == i)
                 if not own.any():
@@ -533,6 +559,9 @@ def tower_eval(model, heads, n: int = 48) -> dict[str, float]:
                     right["letters"].append(ok)
                 else:
                     right["shapes"].append(ok)
+                    if counts:
+                        target = int(kind_count[own.numpy()][0])
+                        right["kind_count"].append(int(clp[own].sum(0).argmax()) == target)
                     if int(own.sum()) <= 6:
                         right["small_shapes"].append(ok)
     return {f"{k}_per_object": round(float(np.mean(v)), 4) for k, v in right.items() if v}
@@ -611,20 +640,23 @@ def answer_attention(model, hidden_states, batch, rows, positions, layer: int, h
     return torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
 
-def retrieval_values(model, hidden_states, layer: int) -> torch.Tensor:
-    """Value vectors (B, T, head_dim) of key/value head 0 of `layer`, which heads 0-1 share."""
+def retrieval_values(model, hidden_states, layer: int, kv: int = 0) -> torch.Tensor:
+    """Value vectors (B, T, head_dim) of key/value head `kv` of `layer` (0: the one heads 0-1 share)."""
     attn = model.model.language_model.layers[layer].self_attn
     h = model.model.language_model.layers[layer].input_layernorm(hidden_states[layer])
-    return attn.v_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, 0]
+    return attn.v_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)[:, :, kv]
 
 
-def retrieval_logits(model, hidden_states, probs, rows, layer: int) -> torch.Tensor:
-    """Vocabulary logits of heads 0-1 of `layer` alone, given their attention `probs` (n, 2, T) in
-    batch `rows`: their attention-weighted values through o_proj, the final norm and lm_head."""
+def retrieval_logits(model, hidden_states, probs, rows, layer: int, heads=(0, 1)) -> torch.Tensor:
+    """Vocabulary logits of two heads of `layer` alone (sharing a key/value head), given their attention
+    `probs` (n, 2, T) in batch `rows`: their attention-weighted values through their columns of o_proj,
+    the final norm and lm_head."""
     lm = model.model.language_model
-    v = retrieval_values(model, hidden_states, layer)
-    heads = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v[rows]).flatten(1)  # (n, 2D)
-    return model.lm_head(lm.norm(heads @ lm.layers[layer].self_attn.o_proj.weight[:, :heads.shape[1]].T))
+    attn = lm.layers[layer].self_attn
+    v = retrieval_values(model, hidden_states, layer, kv=heads[0] // attn.num_key_value_groups)
+    out = torch.einsum("nht,ntd->nhd", probs.to(v.dtype), v[rows]).flatten(1)  # (n, 2D)
+    columns = attn.o_proj.weight[:, heads[0] * attn.head_dim:(heads[-1] + 1) * attn.head_dim]
+    return model.lm_head(lm.norm(out @ columns.T))
 
 
 def image_keys(model, hidden_states, batch, image_token_id: int, layer: int):
@@ -713,6 +745,22 @@ def attention_loss(model, hidden_states, batch, evidence, layer: int, spread_wor
     return loss / 2
 
 
+def count_heads_loss(model, hidden_states, batch, evidence, layer: int) -> torch.Tensor:
+    """For count questions only, a second pair of heads (2-3 of `layer`, key/value head 1) spreads its
+    attention evenly over <s> and the counted centres and, alone, names the count. Their values serve
+    no other loss (heads 0-1's also carry colour and grid position), so their output can be a clean
+    function of <s>'s share, 1/(n+1)."""
+    counted = evidence["spread"]
+    if not bool(counted.any()):
+        return hidden_states[0].sum() * 0
+    rows, positions = evidence["rows"][counted], evidence["positions"][counted]
+    logp = answer_attention(model, hidden_states, batch, rows, positions, layer, heads=(2, 3))
+    attention = target_loss(logp, evidence["patches"][counted], True).mean()
+    logits = retrieval_logits(model, hidden_states, logp.exp(), rows, layer, heads=(2, 3))
+    readout = F.cross_entropy(logits.float(), batch["labels"][rows, positions + 1])
+    return (attention + readout) / 2
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -762,6 +810,8 @@ def rope_theta_of(path) -> float:
 
 class Trainer:
     def __init__(self, out_dir: str | Path, recipe: Recipe, device: str | None = None, log=print):
+        if recipe.count_heads_weight and not recipe.count_centres:
+            raise ValueError("--count-heads-weight needs --count-centres (the count target is <s> and the centres)")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.recipe = recipe
@@ -772,7 +822,7 @@ class Trainer:
         self.model.to(self.device).train()
         self.tokenizer = self.processor.tokenizer
         self.image_token_id = self.model.config.image_token_id
-        words = readout_words(recipe.readout_answers, counts=recipe.count_centres)
+        words = readout_words(recipe.readout_answers, counts=recipe.count_centres or recipe.count_readout)
         self._attribute_ids = torch.tensor(word_ids(self.tokenizer, words), device=self.device)
         torch.manual_seed(recipe.seed)
         self.heads = VisionHeads(dims.vision_hidden).to(self.device)
@@ -922,7 +972,7 @@ class Trainer:
                 if name == "instruct" and (step + 1) % r.eval_every == 0:
                     self.log("val", **quick_eval(self.model, self.processor, "validation", r.eval_samples))
                 if name == "vision" and step + 1 == total:
-                    self.log("val", **tower_eval(self.model, self.heads))
+                    self.log("val", **tower_eval(self.model, self.heads, counts=bool(r.kind_count_weight)))
                 if (step + 1) % r.checkpoint_every == 0 or step + 1 == total:
                     self.save_checkpoint()
             bar.close()
@@ -938,7 +988,7 @@ class Trainer:
                 with torch.no_grad():
                     anchor = vision_features(self.model, batch["pixel_values"], tower=self.anchor).float()
             return vision_loss(self.model, self.heads, batch, self.recipe.letter_weight, anchor,
-                               self.recipe.anchor_weight)
+                               self.recipe.anchor_weight, self.recipe.kind_count_weight)
         if stage == "align":
             return align_loss(self.model, self.tokenizer, batch, self.align_head)
         evidence = batch.pop("evidence", None)
@@ -955,6 +1005,10 @@ class Trainer:
             readout = readout_loss(self.model, out.hidden_states, batch, evidence, layer, self._attribute_ids)
             loss = loss + self.recipe.readout_weight * readout
             info["readout"] = float(readout)
+        if self.recipe.count_heads_weight:
+            counting = count_heads_loss(self.model, out.hidden_states, batch, evidence, layer)
+            loss = loss + self.recipe.count_heads_weight * counting
+            info["count_heads"] = float(counting)
         if self.recipe.position_weight:
             position = position_loss(out.hidden_states[0], batch["input_ids"], self.image_token_id, self.align_head)
             loss = loss + self.recipe.position_weight * position

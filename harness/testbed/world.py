@@ -155,13 +155,20 @@ def patch_owner(scene: dict, min_cover: float = 0.15) -> np.ndarray:
     return np.where(cover.max(axis=0) >= min_cover, cover.argmax(axis=0), -1)
 
 
+# Most shapes of one kind a scene's patches are labelled with ("this many or more").
+MAX_KIND_COUNT = 6
+
+
 def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
-    """Dense per-patch targets for the vision tower: kind, colour, object centre, grid position.
+    """Dense per-patch targets for the vision tower: kind, colour, object centre, grid position, and
+    for a shape's patches how many shapes of its kind the scene holds (capped at MAX_KIND_COUNT;
+    0 for letters and background).
 
     A patch takes the labels of the object covering most of it, if that covers at least `min_cover`.
     """
     kinds = np.zeros(GRID * GRID, np.int64)
     colors = np.zeros(GRID * GRID, np.int64)
+    kind_count = np.zeros(GRID * GRID, np.int64)
     center = np.zeros(GRID * GRID, np.float32)
     objs = scene["objects"]
     if objs:
@@ -169,13 +176,17 @@ def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
         has = owner >= 0
         kind_ids = np.array([KIND_CLASSES.index(o["name"]) for o in objs])
         color_ids = np.array([COLOR_CLASSES.index(o["color"]) for o in objs])
+        names = [o["name"] for o in objs if o["kind"] == "shape"]
+        counts = np.array([min(names.count(o["name"]), MAX_KIND_COUNT) if o["kind"] == "shape" else 0
+                           for o in objs])
         kinds[has] = kind_ids[owner[has]]
         colors[has] = color_ids[owner[has]]
+        kind_count[has] = counts[owner[has]]
         for o in objs:
             center[centre_patch(o)] = 1.0
     rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
     position = np.stack([rows, cols], axis=1).astype(np.float32) / (GRID - 1)
-    return {"kind": kinds, "color": colors, "center": center, "position": position}
+    return {"kind": kinds, "color": colors, "center": center, "position": position, "kind_count": kind_count}
 
 
 # ----------------------------------------------------------------------------- scene sampling
