@@ -53,6 +53,8 @@ RECIPE_FLAGS = [
                                     "--count-centres (0 turns it off)"),
     ("--kind-count-weight", float, "weight of a stage-1 loss teaching every patch of a shape how many shapes of "
                                    "its kind the scene holds (0 turns it off)"),
+    ("--cls-count-weight", float, "weight of a stage-1 loss teaching [CLS] each shape kind's count in the image "
+                                  "(0 turns it off)"),
     ("--count-readout", bool, "read counts out of the retrieval heads also with the default count target "
                               "(every patch of every counted object)"),
     ("--turns", int, "questions per training conversation"),

@@ -493,6 +493,15 @@ def test_kind_count_loss_covers_shape_patches_and_the_new_head_leaves_the_others
     assert more["kind_count"] == pytest.approx(float(expected), rel=1e-4)
     assert float(loss) == pytest.approx(float(plain) + more["kind_count"], rel=1e-4)
     assert 0 <= more["kind_count_acc"] <= 1
+    # --cls-count-weight: [CLS] says each shape kind's count (cross-entropy over kinds x 0..6).
+    with torch.no_grad():
+        _, counted = T.vision_loss(model, heads, batch, cls_count_weight=1.0)
+        cls_logits = heads.cls_count(T.vision_features(model, batch["pixel_values"]).float()[:, 0])
+    want = [[min([o["name"] for o in sc["objects"] if o["kind"] == "shape"].count(k), W.MAX_KIND_COUNT)
+             for k in W.SHAPES] for sc in scenes]
+    assert t["cls_count"].tolist() == want and max(map(max, want)) >= 1
+    expected = torch.nn.functional.cross_entropy(cls_logits.view(-1, W.MAX_KIND_COUNT + 1), t["cls_count"].flatten())
+    assert counted["cls_count"] == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_a_tower_continuation_trains_the_tower_against_the_donors_and_resumes_with_it(tmp_path, tiny, monkeypatch):

@@ -143,6 +143,8 @@ class Recipe:
     # instead of measuring <s>'s share.
     kind_count_weight: float = 0.0
     count_readout: bool = False
+    # Stage 1 only, a diagnostic first step towards the above: [CLS] learns each shape kind's count.
+    cls_count_weight: float = 0.0
     eval_every: int = 200
     eval_samples: int = 40
     checkpoint_every: int = 50
@@ -454,6 +456,8 @@ class VisionHeads(torch.nn.Module):
         with torch.random.fork_rng():  # added later: every other module keeps the initialisation it had
             torch.manual_seed(0)
             self.kind_count = torch.nn.Linear(hidden, W.MAX_KIND_COUNT + 1)  # trained with `kind_count_weight`
+            # From [CLS]: each shape kind's count in the image (trained with `cls_count_weight`).
+            self.cls_count = torch.nn.Linear(hidden, len(W.SHAPES) * (W.MAX_KIND_COUNT + 1))
 
 
 def dense_targets(scenes):
@@ -468,7 +472,9 @@ def dense_targets(scenes):
     return {"kind": kind, "color": color, "present": present,
             "center": torch.from_numpy(np.stack([l["center"] for l in labels])),
             "position": torch.from_numpy(np.stack([l["position"] for l in labels])),
-            "kind_count": torch.from_numpy(np.stack([l["kind_count"] for l in labels]))}
+            "kind_count": torch.from_numpy(np.stack([l["kind_count"] for l in labels])),
+            "cls_count": torch.tensor([[min([o["name"] for o in s["objects"] if o["kind"] == "shape"].count(k),
+                                             W.MAX_KIND_COUNT) for k in W.SHAPES] for s in scenes])}
 
 
 def attribute_targets(scenes) -> torch.Tensor:
@@ -493,7 +499,7 @@ FIRST_LETTER = W.KIND_CLASSES.index(W.LETTERS[0])
 
 
 def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, anchor_weight: float = 0.0,
-                kind_count_weight: float = 0.0):
+                kind_count_weight: float = 0.0, cls_count_weight: float = 0.0):
     """Stage 1's loss. `anchor`: the donor tower's patch features for the same pixels (see Recipe)."""
     t = batch["targets"]
     feats = vision_features(model, batch["pixel_values"]).float()
@@ -519,6 +525,9 @@ def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, an
     if kind_count_weight and shapes.any():
         losses["kind_count"] = kind_count_weight * F.cross_entropy(heads.kind_count(patches[shapes]),
                                                                    t["kind_count"][shapes])
+    if cls_count_weight:
+        cls_logits = heads.cls_count(cls).view(len(cls), len(W.SHAPES), -1)
+        losses["cls_count"] = cls_count_weight * F.cross_entropy(cls_logits.flatten(0, 1), t["cls_count"].flatten())
     if anchor is not None and anchor_weight:
         kept = ~letters
         drift = (patches[kept] - anchor[:, 1:][kept]).pow(2).mean() / anchor[:, 1:][kept].var()
@@ -530,6 +539,10 @@ def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, an
     if kind_count_weight and shapes.any():
         counted = heads.kind_count(patches[shapes]).argmax(-1) == t["kind_count"][shapes]
         info["kind_count_acc"] = float(counted.float().mean())
+    if cls_count_weight:
+        info["cls_count_acc"] = float((cls_logits.argmax(-1) == t["cls_count"]).float().mean())
+        present = t["cls_count"] > 0  # the kinds the image shows: accuracy where most answers are not 0
+        info["cls_count_acc_present"] = float((cls_logits.argmax(-1) == t["cls_count"])[present].float().mean())
     return sum(losses.values()), {**{k: float(v.detach()) for k, v in losses.items()}, **info}
 
 
@@ -988,7 +1001,8 @@ class Trainer:
                 with torch.no_grad():
                     anchor = vision_features(self.model, batch["pixel_values"], tower=self.anchor).float()
             return vision_loss(self.model, self.heads, batch, self.recipe.letter_weight, anchor,
-                               self.recipe.anchor_weight, self.recipe.kind_count_weight)
+                               self.recipe.anchor_weight, self.recipe.kind_count_weight,
+                               self.recipe.cls_count_weight)
         if stage == "align":
             return align_loss(self.model, self.tokenizer, batch, self.align_head)
         evidence = batch.pop("evidence", None)
