@@ -473,8 +473,7 @@ def dense_targets(scenes):
             "center": torch.from_numpy(np.stack([l["center"] for l in labels])),
             "position": torch.from_numpy(np.stack([l["position"] for l in labels])),
             "kind_count": torch.from_numpy(np.stack([l["kind_count"] for l in labels])),
-            "cls_count": torch.tensor([[min([o["name"] for o in s["objects"] if o["kind"] == "shape"].count(k),
-                                             W.MAX_KIND_COUNT) for k in W.SHAPES] for s in scenes])}
+            "cls_count": torch.tensor([list(W.kind_counts(s).values()) for s in scenes])}
 
 
 def attribute_targets(scenes) -> torch.Tensor:
@@ -521,10 +520,10 @@ def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, an
     if letter_weight and letters.any():
         losses["letter"] = letter_weight * F.cross_entropy(kind_logits[letters][:, FIRST_LETTER:],
                                                            t["kind"][letters] - FIRST_LETTER)
-    shapes = (t["kind_count"] > 0) & fg
+    shapes = t["kind_count"] > 0  # a shape's patches (letters and background are 0)
     if kind_count_weight and shapes.any():
-        losses["kind_count"] = kind_count_weight * F.cross_entropy(heads.kind_count(patches[shapes]),
-                                                                   t["kind_count"][shapes])
+        count_logits = heads.kind_count(patches[shapes])
+        losses["kind_count"] = kind_count_weight * F.cross_entropy(count_logits, t["kind_count"][shapes])
     if cls_count_weight:
         cls_logits = heads.cls_count(cls).view(len(cls), len(W.SHAPES), -1)
         losses["cls_count"] = cls_count_weight * F.cross_entropy(cls_logits.flatten(0, 1), t["cls_count"].flatten())
@@ -536,13 +535,13 @@ def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, an
     info = {"kind_acc_centre": float(right[t["center"] > 0].float().mean())}
     if letters.any():
         info["letter_acc"] = float(right[letters].float().mean())
-    if kind_count_weight and shapes.any():
-        counted = heads.kind_count(patches[shapes]).argmax(-1) == t["kind_count"][shapes]
-        info["kind_count_acc"] = float(counted.float().mean())
+    if "kind_count" in losses:
+        info["kind_count_acc"] = float((count_logits.argmax(-1) == t["kind_count"][shapes]).float().mean())
     if cls_count_weight:
-        info["cls_count_acc"] = float((cls_logits.argmax(-1) == t["cls_count"]).float().mean())
-        present = t["cls_count"] > 0  # the kinds the image shows: accuracy where most answers are not 0
-        info["cls_count_acc_present"] = float((cls_logits.argmax(-1) == t["cls_count"])[present].float().mean())
+        named = cls_logits.argmax(-1) == t["cls_count"]
+        info["cls_count_acc"] = float(named.float().mean())
+        # The kinds the image shows: accuracy where most answers are not 0.
+        info["cls_count_acc_present"] = float(named[t["cls_count"] > 0].float().mean())
     return sum(losses.values()), {**{k: float(v.detach()) for k, v in losses.items()}, **info}
 
 
@@ -559,10 +558,10 @@ def tower_eval(model, heads, n: int = 48, counts: bool = False) -> dict[str, flo
         chunk = scenes[k:k + 16]
         feats = vision_features(model, pixels(chunk).to(next(model.parameters()).device)).float()
         logp = heads.kind(feats[:, 1:]).log_softmax(-1).cpu()
-        count_logp = heads.kind_count(feats[:, 1:]).log_softmax(-1).cpu()
+        count_logp = heads.kind_count(feats[:, 1:]).log_softmax(-1).cpu() if counts else logp
         for scene, lp, clp in zip(chunk, logp, count_logp):
             owner = W.patch_owner(scene)  # the patches stage 1 labels with each object
-            kind_count = W.patch_labels(scene)["kind_count"]
+            per_kind = W.kind_counts(scene)
             for i, obj in enumerate(scene["objects"]):
                 own = torch.from_numpy(owner == i)
                 if not own.any():
@@ -573,8 +572,7 @@ def tower_eval(model, heads, n: int = 48, counts: bool = False) -> dict[str, flo
                 else:
                     right["shapes"].append(ok)
                     if counts:
-                        target = int(kind_count[own.numpy()][0])
-                        right["kind_count"].append(int(clp[own].sum(0).argmax()) == target)
+                        right["kind_count"].append(int(clp[own].sum(0).argmax()) == per_kind[obj["name"]])
                     if int(own.sum()) <= 6:
                         right["small_shapes"].append(ok)
     return {f"{k}_per_object": round(float(np.mean(v)), 4) for k, v in right.items() if v}

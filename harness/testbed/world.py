@@ -159,6 +159,12 @@ def patch_owner(scene: dict, min_cover: float = 0.15) -> np.ndarray:
 MAX_KIND_COUNT = 6
 
 
+def kind_counts(scene: dict) -> dict[str, int]:
+    """How many shapes of each kind the scene holds (every kind in SHAPES), capped at MAX_KIND_COUNT."""
+    names = [o["name"] for o in scene["objects"] if o["kind"] == "shape"]
+    return {k: min(names.count(k), MAX_KIND_COUNT) for k in SHAPES}
+
+
 def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
     """Dense per-patch targets for the vision tower: kind, colour, object centre, grid position, and
     for a shape's patches how many shapes of its kind the scene holds (capped at MAX_KIND_COUNT;
@@ -176,9 +182,8 @@ def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
         has = owner >= 0
         kind_ids = np.array([KIND_CLASSES.index(o["name"]) for o in objs])
         color_ids = np.array([COLOR_CLASSES.index(o["color"]) for o in objs])
-        names = [o["name"] for o in objs if o["kind"] == "shape"]
-        counts = np.array([min(names.count(o["name"]), MAX_KIND_COUNT) if o["kind"] == "shape" else 0
-                           for o in objs])
+        per_kind = kind_counts(scene)
+        counts = np.array([per_kind[o["name"]] if o["kind"] == "shape" else 0 for o in objs])
         kinds[has] = kind_ids[owner[has]]
         colors[has] = color_ids[owner[has]]
         kind_count[has] = counts[owner[has]]
