@@ -55,6 +55,8 @@ RECIPE_FLAGS = [
                                    "its kind the scene holds (0 turns it off)"),
     ("--cls-count-weight", float, "weight of a stage-1 loss teaching [CLS] each shape kind's count in the image "
                                   "(0 turns it off)"),
+    ("--small-shape-weight", float, "weight of a stage-1 kind loss over small shapes' patches (6 or fewer), each "
+                                    "shape weighted equally; frees them from the anchor (0 turns it off)"),
     ("--count-readout", bool, "read counts out of the retrieval heads also with the default count target "
                               "(every patch of every counted object)"),
     ("--turns", int, "questions per training conversation"),

@@ -504,6 +504,38 @@ def test_kind_count_loss_covers_shape_patches_and_the_new_head_leaves_the_others
     assert counted["cls_count"] == pytest.approx(float(expected), rel=1e-4)
 
 
+def test_small_shape_loss_weighs_each_small_shape_equally_and_frees_it_from_the_anchor():
+    model, _ = M.build_model(M.TINY, seed=0)
+    heads = T.VisionHeads(M.TINY.vision_hidden)
+    scenes = [Q.make_sample("train", "count", i)["scenes"][0] for i in range(3)]
+    batch = {"pixel_values": T.pixels(scenes), "targets": T.dense_targets(scenes)}
+    t = batch["targets"]
+    with torch.no_grad():
+        feats = T.vision_features(model, batch["pixel_values"]).float()
+        logits = heads.kind(feats[:, 1:])
+        plain, _ = T.vision_loss(model, heads, batch)
+        loss, more = T.vision_loss(model, heads, batch, small_shape_weight=2.0)
+        # Moving only the small shapes' features costs nothing in the anchor when they are free.
+        small = (t["kind_count"] > 0) & (t["object_size"] <= T.SMALL_SHAPE)
+        moved = feats.clone()
+        moved[:, 1:][small] += 1.0
+        _, held = T.vision_loss(model, heads, batch, anchor=moved, anchor_weight=1.0)
+        _, freed = T.vision_loss(model, heads, batch, anchor=moved, anchor_weight=1.0, small_shape_weight=2.0)
+    assert small.any() and (t["object_size"][small] >= 1).all()
+    # Expected: the mean over small shapes of each shape's mean patch cross-entropy.
+    per_shape = []
+    for i, scene in enumerate(scenes):
+        owner = torch.from_numpy(W.patch_owner(scene))
+        for k in owner[small[i]].unique():
+            own = owner == k
+            per_shape.append(torch.nn.functional.cross_entropy(logits[i][own], t["kind"][i][own]))
+    assert len(per_shape) >= 2
+    assert more["small_shape"] == pytest.approx(2.0 * float(torch.stack(per_shape).mean()), rel=1e-4)
+    assert float(loss) == pytest.approx(float(plain) + more["small_shape"], rel=1e-4)
+    assert 0 <= more["small_shape_acc"] <= 1
+    assert held["anchor"] > 0 and freed["anchor"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_a_tower_continuation_trains_the_tower_against_the_donors_and_resumes_with_it(tmp_path, tiny, monkeypatch):
     """`--tower-steps` with `--init-from`: stage 1 continues the donor's tower (alignment skipped), the
     anchor is the donor's tower, frozen, also after a resume, and instruction tuning follows."""

@@ -85,6 +85,16 @@ def test_patch_labels_count_each_shapes_kind():
     assert W.patch_labels(many)["kind_count"].max() == W.MAX_KIND_COUNT  # 8 circles: "6 or more"
 
 
+def test_patch_labels_give_each_patch_its_objects_size():
+    scene = _scene(_obj("circle", "green", (0, 0, 28, 28)), _obj("square", "red", (140, 140, 196, 196)))
+    labels = W.patch_labels(scene)
+    owner = W.patch_owner(scene)
+    size = labels["object_size"]
+    assert size[0] == (owner == 0).sum() and size[(168 // 14) * 24 + 168 // 14] == (owner == 1).sum()
+    assert (size[owner < 0] == 0).all() and (size[owner >= 0] > 0).all()
+    assert size[0] < size[(168 // 14) * 24 + 168 // 14]  # the small circle, the large square
+
+
 def _objects(sample):
     return [o for s in sample["scenes"] for o in s["objects"]]
 

@@ -168,13 +168,15 @@ def kind_counts(scene: dict) -> dict[str, int]:
 def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
     """Dense per-patch targets for the vision tower: kind, colour, object centre, grid position, and
     for a shape's patches how many shapes of its kind the scene holds (capped at MAX_KIND_COUNT;
-    0 for letters and background).
+    0 for letters and background); `object_size`: how many patches the patch's object is labelled on
+    (0 for background).
 
     A patch takes the labels of the object covering most of it, if that covers at least `min_cover`.
     """
     kinds = np.zeros(GRID * GRID, np.int64)
     colors = np.zeros(GRID * GRID, np.int64)
     kind_count = np.zeros(GRID * GRID, np.int64)
+    object_size = np.zeros(GRID * GRID, np.int64)
     center = np.zeros(GRID * GRID, np.float32)
     objs = scene["objects"]
     if objs:
@@ -187,11 +189,13 @@ def patch_labels(scene: dict, min_cover: float = 0.15) -> dict[str, np.ndarray]:
         kinds[has] = kind_ids[owner[has]]
         colors[has] = color_ids[owner[has]]
         kind_count[has] = counts[owner[has]]
+        object_size[has] = np.bincount(owner[has], minlength=len(objs))[owner[has]]
         for o in objs:
             center[centre_patch(o)] = 1.0
     rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
     position = np.stack([rows, cols], axis=1).astype(np.float32) / (GRID - 1)
-    return {"kind": kinds, "color": colors, "center": center, "position": position, "kind_count": kind_count}
+    return {"kind": kinds, "color": colors, "center": center, "position": position, "kind_count": kind_count,
+            "object_size": object_size}
 
 
 # ----------------------------------------------------------------------------- scene sampling
