@@ -504,15 +504,11 @@ FIRST_LETTER = W.KIND_CLASSES.index(W.LETTERS[0])
 SMALL_SHAPE = 6  # patches: "small" for `small_shape_weight` and tower_eval's small_shapes
 
 
-def small_shape_loss(kind_logits, targets):
-    """Kind cross-entropy over the patches of shapes of at most SMALL_SHAPE patches, each shape's
-    patches sharing one shape's weight (a patch weighs 1/its shape's size); None if there are none."""
-    size = targets["object_size"]
-    small = (targets["kind_count"] > 0) & (size <= SMALL_SHAPE)
-    if not small.any():
-        return None
+def small_shape_loss(kind_logits, targets, small):
+    """Kind cross-entropy over the `small` patches (those of shapes of at most SMALL_SHAPE patches),
+    each shape's patches sharing one shape's weight: a patch weighs 1 / its shape's size."""
+    weight = 1.0 / targets["object_size"][small].float()
     per_patch = F.cross_entropy(kind_logits[small], targets["kind"][small], reduction="none")
-    weight = 1.0 / size[small].float()
     return (per_patch * weight).sum() / weight.sum()
 
 
@@ -542,7 +538,7 @@ def vision_loss(model, heads, batch, letter_weight: float = 0.0, anchor=None, an
     shapes = t["kind_count"] > 0  # a shape's patches (letters and background are 0)
     small = shapes & (t["object_size"] <= SMALL_SHAPE)
     if small_shape_weight and small.any():
-        losses["small_shape"] = small_shape_weight * small_shape_loss(kind_logits, t)
+        losses["small_shape"] = small_shape_weight * small_shape_loss(kind_logits, t, small)
     if kind_count_weight and shapes.any():
         count_logits = heads.kind_count(patches[shapes])
         losses["kind_count"] = kind_count_weight * F.cross_entropy(count_logits, t["kind_count"][shapes])
