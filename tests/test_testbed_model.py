@@ -126,6 +126,16 @@ def test_shipped_model_loads_and_answers_in_the_answer_vocabulary():
         assert answers <= allowed, (family, answers)
 
 
+def test_shipped_processor_pads_prompts_on_the_left_by_itself():
+    """Batched generation needs left padding; the shipped processor must give it without being told
+    (llava-hf checkpoints do), since a user's own loop may not pass padding_side."""
+    processor = AutoProcessor.from_pretrained(M.CHECKPOINT)
+    pad = processor.tokenizer.pad_token_id
+    ids = processor.tokenizer(["USER: hi ASSISTANT:", "USER: a much longer prompt here ASSISTANT:"],
+                              padding=True)["input_ids"]
+    assert len(ids[0]) == len(ids[1]) and ids[0][0] == pad and ids[0][-1] != pad
+
+
 def test_attention_targets_point_at_each_answers_evidence():
     """The attention loss looks from the position that predicts each answer's first token, at the
     image positions of that turn's evidence."""
