@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Remake every committed artefact that depends on the testbed checkpoint, after a new one has been
-# copied to harness/testbed/checkpoint (scripts/ship_testbed_checkpoint.py): the testbed codebook, the unpruned test-split table, the default
-# protocol with its leaderboard and analyses, the CI regression baseline and a history record.
-# About 45 minutes on 2 CPU cores (the codebook probes 1,000 images: with 500, the instruct_6 model had
-# no cross-image cluster spanning more than 64 images, the rule of METHODS.md §1). Each step's run folder is kept under runs/refresh-<stamp>/.
-# The README tables and tests/test_testbed_model.py's list of families below the bar are edited by hand
-# from what this prints (the last step shows the unpruned accuracies) and from
+# copied to harness/testbed/checkpoint (scripts/ship_testbed_checkpoint.py): the testbed codebook, the
+# unpruned test-split table, the default protocol with its leaderboard and analyses, the CI regression
+# baseline and a history record. About 55 minutes on 2 CPU cores (the codebook probes 1,000 images:
+# with 500, the instruct_6 model had no cross-image cluster spanning more than 64 images, the rule of
+# METHODS.md §1). Each step's run folder is kept under runs/refresh-<stamp>/.
+# The README tables and the per-family thresholds of tests/test_testbed_model.py's
+# test_shipped_model_answers_testbed_questions are edited by hand from what this prints (the last step
+# shows the unpruned accuracies) and from
 # `python scripts/protocol_figures.py results/testbed_default_protocol.csv`.
 #
 #   bash scripts/refresh_testbed_results.sh [VENV]
