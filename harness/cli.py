@@ -25,6 +25,8 @@ RECIPE_FLAGS = [
     ("--sink-for-absent", bool, "for a 'no', teach the retrieval heads to look at <s> rather than partial matches"),
     ("--count-centres", bool, "for a count, teach the retrieval heads to spread evenly over <s> and each counted "
                               "object's centre patch, and read the count out of them"),
+    ("--count-objects", bool, "with --count-centres: <s> and each counted object (all its patches together) "
+                              "take an equal share of the retrieval heads' mass, not each object's centre patch"),
     ("--value-position-weight", float, "weight of a loss keeping each image token's grid position readable from "
                                        "the retrieval heads' value vectors (0 turns it off)"),
     ("--spread-words", bool, "teach layer 0's heads 2-3 to spread evenly over the words naming a referent "

@@ -1,6 +1,7 @@
 """The testbed model is a real llava-hf-style checkpoint: it loads through the Auto classes and answers."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -224,6 +225,61 @@ def test_count_questions_can_target_sink_and_object_centres():
     scale = torch.where(ev["spread"], 3.0, 1.0)[:, None]
     expected = (word_loss + (torch.where(ev["spread"][:, None], even, mass) * scale).mean()) / 2
     assert torch.isclose(weighted, expected, atol=1e-5) and weighted > loss
+
+
+def test_count_objects_target_gives_each_counted_object_an_equal_share():
+    """--count-objects: a count turn's groups are <s> (1) and each counted object's own patches (2, 3,
+    ...); the loss is the cross-entropy of the mass per group against uniform, so it is log(groups)
+    however the mass is spread inside an object, and other turns keep their targets and loss."""
+    model, processor = M.build_model(M.TINY)
+    tok, image_id = processor.tokenizer, model.config.image_token_id
+    recipe = T.Recipe(curriculum_steps=0, count_centres=True, count_objects=True)
+    samples = [s for step in range(0, 24, 6) for s in T.instruct_samples(recipe, step) if s["family"] == "count"][:3]
+    batch = T.collate(samples, tok, image_id)
+    ev = batch["evidence"]
+    counts = {tok(" " + str(n), add_special_tokens=False)["input_ids"][0]: n for n in range(1, 5)}
+    labels = batch["labels"][ev["rows"], ev["positions"] + 1]
+    counted = ev["groups"].any(-1)
+    assert torch.equal(counted, ev["spread"]) and counted.any() and (~counted).any()
+    for k in counted.nonzero().flatten().tolist():
+        g = ev["groups"][k]
+        assert int(g[0]) == 1 and int(g.max()) == 1 + counts[int(labels[k])]
+    # The first turn's objects: exactly the patches stage 1 labels with each counted object.
+    first = samples[0]
+    owner = W.patch_owner(first["scenes"][0])
+    shape = T.COUNT_QUESTIONS[first["question"]]
+    ids = [i for i, o in enumerate(first["scenes"][0]["objects"]) if o["name"] == shape]
+    image = (batch["input_ids"][0] == image_id).nonzero().flatten()
+    k0 = int(((ev["rows"] == 0) & counted).nonzero()[0])
+    for j, i in enumerate(ids):
+        assert torch.equal((ev["groups"][k0, image] == 2 + j).nonzero().flatten(),
+                           torch.from_numpy((owner == i).nonzero()[0]))
+    # log(groups) when every group gets an equal share, spread unevenly inside the objects.
+    g = ev["groups"][k0:k0 + 1]
+    n = int(g.max())
+    probs = torch.zeros(1, 2, g.shape[1])
+    for j in range(1, n + 1):
+        where = (g[0] == j).nonzero().flatten()
+        weights = torch.arange(1, len(where) + 1, dtype=torch.float)
+        probs[0, :, where] = weights / weights.sum() / n
+    loss = T.group_loss(probs.log(), g)
+    assert torch.allclose(loss, torch.full((1, 2), math.log(n)), atol=1e-5)
+    skewed = probs.clone()
+    skewed[0, :, 0] *= 2  # <s> over its share: the loss rises
+    skewed = skewed / skewed.sum(-1, keepdim=True)
+    assert (T.group_loss(skewed.log(), g) > loss + 1e-3).all()
+    # In attention_loss the count rows take the group loss, the others the mass loss, as before.
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k not in ("evidence", "labels")}, output_hidden_states=True)
+        logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], 1)
+        words = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], 0, (2, 3))
+        loss = T.attention_loss(model, out.hidden_states, batch, ev, 1)
+    mass = -torch.logsumexp(logp.masked_fill(~ev["patches"], float("-inf")), -1)
+    word_loss = -torch.logsumexp(words.masked_fill(~ev["words"], float("-inf")), -1).mean()
+    expected = (word_loss + torch.where(counted[:, None], T.group_loss(logp, ev["groups"]), mass).mean()) / 2
+    assert torch.isclose(loss, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="--count-objects needs --count-centres"):
+        T.Trainer("unused", T.Recipe(count_objects=True), log=lambda *_: None)
 
 
 def test_count_heads_loss_is_heads_2_3_attention_and_read_out():

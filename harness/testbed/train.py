@@ -83,6 +83,11 @@ class Recipe:
     # the default target (every patch of every counted object) the heads find the objects (0.96 of
     # their mass) but a weighted mean of their values cannot say how many there are (TRAINING.md).
     count_centres: bool = False
+    # With `count_centres`, the count target per object instead of per centre patch: <s> and each counted
+    # object (all its patches together) take 1/(n+1) of the heads' mass, however it is spread within an
+    # object. The centre target left 25-60% of the mass on the counted objects' other patches, more on
+    # bigger objects, so <s>'s share tracked area as much as n (TRAINING.md).
+    count_objects: bool = False
     # Keep each image token's grid position linearly readable from the retrieval heads' value vectors
     # (layer `attention_layer`, key/value head 0): RoPE puts position into queries and keys only, and
     # the answer loss did not carry it into the values, so the heads' outputs could not say where the
@@ -250,8 +255,10 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
     evidence patches in the images (`patches`); spatial questions name two referents, others one.
     An answer whose first token is in `sink_answers` targets the row's <s> token instead of patches.
     A turn with counted centres (`centre_turns`, see `Recipe.count_centres`) targets <s> and those
-    centre patches, to be spread over evenly (`spread`)."""
-    rows, positions, patches, words, spread = [], [], [[], []], [[], []], []
+    centre patches, to be spread over evenly (`spread`). With counted objects (`count_groups`, see
+    `Recipe.count_objects`) such a turn also has `groups`: 1 on <s>, 2 + k on the k-th counted object's
+    patches, 0 elsewhere (all 0 on other turns)."""
+    rows, positions, patches, words, spread, object_groups = [], [], [[], []], [[], []], [], []
     length = input_ids.shape[1]
     for row, sample in enumerate(samples):
         answer_starts = ((labels[row, 1:] != -100) & (labels[row, :-1] == -100)).nonzero().flatten().tolist()
@@ -262,7 +269,8 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
         if len(answer_starts) != len(evidence):
             raise RuntimeError(f"{len(answer_starts)} answers but {len(evidence)} evidence sets")
         centres = sample.get("centre_turns") or [None] * len(evidence)
-        for pos, referents, counted in zip(answer_starts, evidence, centres):
+        objects = sample.get("count_groups") or [None] * len(evidence)
+        for pos, referents, counted, owned in zip(answer_starts, evidence, centres, objects):
             to_sink = int(labels[row, pos + 1]) in sink_answers
             if not to_sink and not all(referents):
                 continue  # a 'no' about a colour and shape that nothing in the images has
@@ -275,6 +283,12 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
             rows.append(row)
             positions.append(pos)
             spread.append(counted is not None)
+            group = torch.zeros(length, dtype=torch.long)
+            if counted is not None and owned is not None:
+                group[0] = 1
+                for k, own in enumerate(owned):
+                    group[image_positions[torch.tensor(own)]] = 2 + k
+            object_groups.append(group)
             for head in range(2):
                 mask = torch.zeros(length, dtype=torch.bool)
                 if counted is not None:  # <s> and the counted centres
@@ -291,7 +305,8 @@ def evidence_targets(samples, input_ids, labels, image_token_id, word_ids, sink_
     stack = lambda masks: torch.stack([torch.stack(m) for m in masks], dim=1) if rows else \
         torch.zeros(0, 2, length, dtype=torch.bool)  # (queries, 2, length)
     return {"rows": torch.tensor(rows, dtype=torch.long), "positions": torch.tensor(positions, dtype=torch.long),
-            "patches": stack(patches), "words": stack(words), "spread": torch.tensor(spread, dtype=torch.bool)}
+            "patches": stack(patches), "words": stack(words), "spread": torch.tensor(spread, dtype=torch.bool),
+            "groups": torch.stack(object_groups) if rows else torch.zeros(0, length, dtype=torch.long)}
 
 
 def instruct_kind(recipe: Recipe, step: int) -> str:
@@ -337,6 +352,8 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
             if recipe.count_centres:
                 questions = [sample["question"]] + [q for q, _, _ in turns]
                 sample["centre_turns"] = [counted_centres(sample, q) for q in questions]
+                if recipe.count_objects:
+                    sample["count_groups"] = [counted_objects(sample, q) for q in questions]
             samples.append(sample)
     return samples
 
@@ -350,6 +367,18 @@ def counted_centres(sample: dict, question: str) -> list[int] | None:
     if shape is None or len(sample["scenes"]) != 1:
         return None
     return [W.centre_patch(o) for o in sample["scenes"][0]["objects"] if o["kind"] == "shape" and o["name"] == shape]
+
+
+def counted_objects(sample: dict, question: str) -> list[list[int]] | None:
+    """For a count question about a single image, each counted object's patches (those it owns, as
+    stage 1 labels them; its centre patch if it owns none); else None."""
+    shape = COUNT_QUESTIONS.get(question)
+    if shape is None or len(sample["scenes"]) != 1:
+        return None
+    scene = sample["scenes"][0]
+    owner = W.patch_owner(scene)
+    return [np.flatnonzero(owner == i).tolist() or [W.centre_patch(o)]
+            for i, o in enumerate(scene["objects"]) if o["kind"] == "shape" and o["name"] == shape]
 
 
 def curriculum_objects(recipe: Recipe, step: int) -> int | None:
@@ -757,6 +786,19 @@ def target_loss(logp: torch.Tensor, on: torch.Tensor, spread: torch.Tensor | boo
     return torch.where(spread[:, None] if spread.dim() else spread, even, mass)
 
 
+def group_loss(logp: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per (question, head): the cross-entropy of the attention mass per group (`groups` (N, T): 1, 2,
+    ... on each group's tokens, 0 elsewhere) against the uniform distribution over the question's
+    groups; log(groups) when every group holds an equal share, however it is spread inside a group."""
+    n = int(groups.max()) if groups.numel() else 0
+    ids = torch.arange(1, n + 1, device=groups.device)
+    present = (groups[:, :, None] == ids).any(1)  # (N, G)
+    # A finite fill keeps absent groups' gradients finite (they are then masked out).
+    mass = torch.stack([torch.logsumexp(logp.masked_fill((groups != g)[:, None], -1e9), dim=-1) for g in ids.tolist()],
+                       dim=-1)  # (N, heads, G)
+    return -(mass * present[:, None]).sum(-1) / present.sum(-1).clamp(min=1)[:, None]
+
+
 def attention_loss(model, hidden_states, batch, evidence, layer: int, spread_words: bool = False,
                    count_weight: float = 1.0) -> torch.Tensor:
     """-log(attention mass on the target) at each answer position, for two pairs of heads: in
@@ -770,6 +812,9 @@ def attention_loss(model, hidden_states, batch, evidence, layer: int, spread_wor
         logp = answer_attention(model, hidden_states, batch, evidence["rows"], evidence["positions"], at, heads)
         spread = evidence["spread"] if target == "patches" else spread_words
         per_row = target_loss(logp, evidence[target], spread)
+        groups = evidence.get("groups")
+        if target == "patches" and groups is not None and bool(groups.any()):  # counted objects, not centres
+            per_row = torch.where(groups.any(-1)[:, None], group_loss(logp, groups), per_row)
         if target == "patches":  # a weight of 1 leaves the loss bit for bit as it was
             per_row = per_row * torch.where(evidence["spread"], count_weight, 1.0).to(per_row)[:, None]
         loss = loss + per_row.mean()
@@ -841,6 +886,8 @@ def rope_theta_of(path) -> float:
 
 class Trainer:
     def __init__(self, out_dir: str | Path, recipe: Recipe, device: str | None = None, log=print):
+        if recipe.count_objects and not recipe.count_centres:
+            raise ValueError("--count-objects needs --count-centres (it changes the count target's patches)")
         if recipe.count_heads_weight and not recipe.count_centres:
             raise ValueError("--count-heads-weight needs --count-centres (the count target is <s> and the centres)")
         self.out = Path(out_dir)
