@@ -361,24 +361,29 @@ def instruct_samples(recipe: Recipe, step: int) -> list[dict]:
 COUNT_QUESTIONS = {Q.ask_count(shape): shape for shape in W.SHAPES}
 
 
-def counted_centres(sample: dict, question: str) -> list[int] | None:
-    """For a count question about a single image, the centre patch of each object it counts; else None."""
+def counted_ids(sample: dict, question: str) -> list[int] | None:
+    """For a count question about a single image, the indices of the objects it counts; else None."""
     shape = COUNT_QUESTIONS.get(question)
     if shape is None or len(sample["scenes"]) != 1:
         return None
-    return [W.centre_patch(o) for o in sample["scenes"][0]["objects"] if o["kind"] == "shape" and o["name"] == shape]
+    return [i for i, o in enumerate(sample["scenes"][0]["objects"]) if o["kind"] == "shape" and o["name"] == shape]
+
+
+def counted_centres(sample: dict, question: str) -> list[int] | None:
+    """For a count question about a single image, the centre patch of each object it counts; else None."""
+    ids = counted_ids(sample, question)
+    return None if ids is None else [W.centre_patch(sample["scenes"][0]["objects"][i]) for i in ids]
 
 
 def counted_objects(sample: dict, question: str) -> list[list[int]] | None:
     """For a count question about a single image, each counted object's patches (those it owns, as
     stage 1 labels them; its centre patch if it owns none); else None."""
-    shape = COUNT_QUESTIONS.get(question)
-    if shape is None or len(sample["scenes"]) != 1:
+    ids = counted_ids(sample, question)
+    if ids is None:
         return None
     scene = sample["scenes"][0]
     owner = W.patch_owner(scene)
-    return [np.flatnonzero(owner == i).tolist() or [W.centre_patch(o)]
-            for i, o in enumerate(scene["objects"]) if o["kind"] == "shape" and o["name"] == shape]
+    return [np.flatnonzero(owner == i).tolist() or [W.centre_patch(scene["objects"][i])] for i in ids]
 
 
 def curriculum_objects(recipe: Recipe, step: int) -> int | None:
@@ -812,10 +817,11 @@ def attention_loss(model, hidden_states, batch, evidence, layer: int, spread_wor
         logp = answer_attention(model, hidden_states, batch, evidence["rows"], evidence["positions"], at, heads)
         spread = evidence["spread"] if target == "patches" else spread_words
         per_row = target_loss(logp, evidence[target], spread)
-        groups = evidence.get("groups")
-        if target == "patches" and groups is not None and bool(groups.any()):  # counted objects, not centres
-            per_row = torch.where(groups.any(-1)[:, None], group_loss(logp, groups), per_row)
-        if target == "patches":  # a weight of 1 leaves the loss bit for bit as it was
+        if target == "patches":
+            groups = evidence["groups"]
+            if bool(groups.any()):  # counted objects (`count_objects`), not centres
+                per_row = torch.where(groups.any(-1)[:, None], group_loss(logp, groups), per_row)
+            # a weight of 1 leaves the loss bit for bit as it was
             per_row = per_row * torch.where(evidence["spread"], count_weight, 1.0).to(per_row)[:, None]
         loss = loss + per_row.mean()
     return loss / 2
