@@ -411,13 +411,8 @@ class VTPLlava(lmms):
         sequences = out.sequences[:, n_in:].tolist()
         first_logits = out.logits[0] if out.logits else None
         kept, delta_ipr = self._per_row(run, inputs["input_ids"])
-        reference = [self.reference_answers.get(self._key(r)) for r in reqs]
-        teacher_nll = [None] * len(reqs)
-        if any(ref for ref in reference):
-            rows = [i for i, ref in enumerate(reference) if ref]
-            scored, _ = self._score_continuations([items[i][:2] for i in rows], [reference[i] for i in rows])
-            for i, (loss, *_) in zip(rows, scored):
-                teacher_nll[i] = loss
+        teacher_nll = self._teacher_forced_nll(items, [self.reference_answers.get(self._key(r)) for r in reqs],
+                                               sequences, out.logits)
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         results = []
         for row, (ids, req) in enumerate(zip(sequences, reqs)):
@@ -439,6 +434,28 @@ class VTPLlava(lmms):
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
                 input_tokens=int(prompt_lengths[row]), output_tokens=len(ids))))
         return results
+
+    def _teacher_forced_nll(self, items, reference, steps, step_logits) -> list[float | None]:
+        """Per row, the summed NLL of its reference answer (the unpruned model's generated ids) under
+        the current method; None without one. Where the greedy answer just generated (`steps`: its
+        tokens, `step_logits`: generate's logits per step) follows the reference up to its last token,
+        generate's step logits are the teacher-forced ones (same prompt, same pruned cache, same
+        prefix), so they are read there; only the other rows are run again, teacher-forced."""
+        nll: list[float | None] = [None] * len(items)
+        rerun = []
+        for row, ref in enumerate(reference):
+            if not ref:
+                continue
+            if len(ref) <= len(step_logits) and steps[row][:len(ref) - 1] == ref[:-1]:
+                logprobs = torch.stack([step_logits[j][row] for j in range(len(ref))]).float().log_softmax(-1)
+                nll[row] = float(-logprobs.gather(-1, torch.tensor(ref, device=logprobs.device)[:, None]).sum())
+            else:
+                rerun.append(row)
+        if rerun:
+            scored, _ = self._score_continuations([items[i][:2] for i in rerun], [reference[i] for i in rerun])
+            for row, (loss, *_) in zip(rerun, scored):
+                nll[row] = loss
+        return nll
 
     # ------------------------------------------------------------------ loglikelihood
 

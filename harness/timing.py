@@ -6,7 +6,9 @@ times and reported as the median, with the spread (min, max, interquartile range
   vision_ms             the vision tower and projector alone (`get_image_features`)
   selection_ms          time inside the method's `select()` during one prefill
   prefill_ms            time to first token: vision, selection and the LLM prefill (one forward, cache on)
-  decode_ms_per_token   (generate k + 1 tokens - generate 1 token) / k, min_new_tokens forcing the length
+  decode_ms_per_token   in one generate of k + 1 tokens (min_new_tokens forcing the length), the time from
+                        the first token to the last / k: each step's forward on the (pruned) cache and
+                        generate's work per token, stamped as each token is chosen
   peak_memory_mb        peak memory generating the first token (the prefill) allocates above the model
                         and inputs: where a generate peaks, as decoding adds one token's activations
                         (see `peak_memory_mb`: CUDA allocator statistics, CPU profiler memory events)
@@ -21,6 +23,7 @@ import statistics
 import time
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 def _sync(device):
@@ -39,6 +42,18 @@ def _timed(fn, device, repeats: int, warmup: int) -> list[float]:
         _sync(device)
         times.append((time.perf_counter() - started) * 1000)
     return times
+
+
+class _Stamp(StoppingCriteria):
+    """Never stops generation; notes the time each token is chosen (after the device finishes)."""
+
+    def __init__(self, stamps: list[float], device):
+        self.stamps, self.device = stamps, device
+
+    def __call__(self, input_ids, scores, **kwargs):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def spread(values: list[float]) -> dict:
@@ -107,20 +122,25 @@ def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, de
             model(**inputs, use_cache=True, logits_to_keep=1)
         selection.append(1000 * run.selection_seconds if run is not None else 0.0)
 
-    def generate(n):
+    def generate(n, **kwargs):
         with scope():
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen, **kwargs)
+
+    decode = []
+
+    def decode_run():
+        stamps: list[float] = []
+        generate(1 + decode_tokens, stopping_criteria=StoppingCriteriaList([_Stamp(stamps, device)]))
+        decode.append((stamps[-1] - stamps[0]) * 1000 / decode_tokens)
 
     with torch.no_grad():
         vision = _timed(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), device,
                         repeats, warmup)
         prefill_ms = _timed(prefill, device, repeats, warmup)
-        one = _timed(lambda: generate(1), device, repeats, warmup)
-        more = _timed(lambda: generate(1 + decode_tokens), device, repeats, warmup)
+        _timed(decode_run, device, repeats, warmup)
         peak = peak_memory_mb(lambda: generate(1), device)
-    decode = [(b - a) / decode_tokens for a, b in zip(one, more)]
     figures = {"vision_ms": spread(vision), "selection_ms": spread(selection[warmup:]), "prefill_ms": spread(prefill_ms),
-               "decode_ms_per_token": spread(decode)}
+               "decode_ms_per_token": spread(decode[warmup:])}
     return {"medians": {k: v["median"] for k, v in figures.items()} | {"peak_memory_mb": peak},
             "spread": figures, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "attention": model.config._attn_implementation}

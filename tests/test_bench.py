@@ -83,3 +83,25 @@ def test_cpu_peak_memory_sees_a_transient_tensor():
 
     peak = peak_memory_mb(work, torch.device("cpu"))
     assert 16 <= peak < 17
+
+
+def test_decode_is_timed_token_by_token_in_one_generate():
+    """The timing pass stamps each token as generate chooses it: 1 + k stamps for 1 + k tokens, and
+    decode per token is the last stamp less the first, over k (no difference of two generates)."""
+    from PIL import Image
+    from transformers import StoppingCriteriaList
+
+    from harness import timing
+
+    torch.manual_seed(0)
+    model, processor = M.build_model(M.TINY)
+    inputs = processor(text=["USER: <image>\nWhat is here? ASSISTANT:"], images=[Image.new("RGB", (336, 336))],
+                       return_tensors="pt")
+    stamps: list[float] = []
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([timing._Stamp(stamps, torch.device("cpu"))]))
+    assert len(stamps) == 5 and stamps == sorted(stamps)
+    timed = timing.time_cell(model, inputs, repeats=3, decode_tokens=4)
+    decode = timed["spread"]["decode_ms_per_token"]
+    assert decode["n"] == 3 and 0 < decode["min"] <= timed["medians"]["decode_ms_per_token"] <= decode["max"]

@@ -146,6 +146,49 @@ def test_pruned_requests(lm, method):
         lm.configure("none")
 
 
+@pytest.mark.parametrize("method", ["random", "fastv"])  # pre-LLM and in-LLM
+def test_teacher_forced_nll_is_read_from_generate_where_the_answers_agree(lm, method):
+    """The reference answer's NLL under the pruned model: read from generate's step logits where the
+    pruned answer follows the reference, computed by a teacher-forced forward (for those rows only)
+    where it does not; both equal scoring the reference alone, teacher-forced."""
+    import methods as registry
+
+    reqs = _requests(lm, "generate_until", second={"max_new_tokens": 3, "until": []})
+    lm.configure(registry.get(method, **({"layer": 1} if method == "fastv" else {})), 64)
+    rerun_rows = []
+    score = lm._score_continuations
+
+    def counting(prompts, conts):
+        rerun_rows.append(len(prompts))
+        return score(prompts, conts)
+
+    try:
+        lm.generate_until(reqs)
+        own = {key: record["generated_ids"] for key, record in lm.records.items()}
+        assert all(len(ids) >= 2 for ids in own.values())  # a prefix to follow
+        special = {lm.eos_token_id, lm.pad_token_id}
+        other = next(t for t in range(len(lm.tokenizer)) if t not in special and t != own[("t", 2, 0)][0])
+        # requests 0 and 1: their own answer; 2: another first token (rerun); 3: its own first token, then
+        # another (read: generate's second step follows the same first token)
+        lm.reference_answers = {**{k: v for k, v in own.items() if k[1] < 2},
+                                ("t", 2, 0): [other] + own[("t", 2, 0)][1:], ("t", 3, 0): own[("t", 3, 0)][:1] + [other]}
+        lm._score_continuations = counting
+        lm.generate_until(reqs)
+        got = {key: record["teacher_forced_nll"] for key, record in lm.records.items()}
+        lm._score_continuations = score
+        assert rerun_rows == [1]  # request 2 alone
+        for req in reqs:
+            ctx, _, doc_to_visual, doc_id, task, split = req.args[:6]
+            images = lm._visuals(doc_to_visual, doc_id, task, split)
+            scored, _ = score([(lm.build_prompt(ctx, len(images)), images)], [lm.reference_answers[(task, doc_id, 0)]])
+            assert got[(task, doc_id, 0)] == pytest.approx(scored[0][0], abs=1e-4)
+    finally:
+        lm._score_continuations = score
+        lm.reference_answers = {}
+        lm.pop_records()
+        lm.configure("none")
+
+
 def _options(lm, choices=(" red", " blue", " green", " white")):
     """Four single-token options of one question per doc (a multiple_choice task's requests)."""
     _requests(lm, "loglikelihood")  # sets the docs
