@@ -1,6 +1,7 @@
 """`harness bench`: what each method costs and saves, measured side by side in one process.
 
-For every method at each budget, on one prompt (a testbed colour question, one image), on two
+For every method at each budget, on one prompt (a testbed colour question, one image; `batch`
+identical rows of it when asked, as a server prefilling several requests at once would), on three
 models: the shipped testbed model, and a random-weight model of the LLaVA-1.5 architecture scaled
 to fit a CPU (`SCALED_LLAVA`: CLIP ViT 336/14 with 576 patch tokens, 2-layer GELU projector, Llama
 decoder with LLaVA-1.5-7B's proportions). Printed and written to `bench.csv` (+ `bench.png`):
@@ -69,13 +70,14 @@ def stand_in_codebook(model, folder: Path) -> Path:
     return files.save(folder / "stand_in_codebook.pt", prototypes, ["random"] * size, {"note": stand_in_codebook.__doc__})
 
 
-def _prompt(processor):
+def _prompt(processor, batch: int = 1):
+    """The bench's prompt, `batch` identical rows (no padding: every row has the same shapes)."""
     from .testbed import questions as Q
     from .testbed import world as W
 
     sample = Q.make_sample("test", "color", 0)
-    return processor(images=[[W.render_pil(sample["scenes"][0])]], text=[M.format_prompt(sample["question"])],
-                     return_tensors="pt")
+    return processor(images=[[W.render_pil(sample["scenes"][0])]] * batch,
+                     text=[M.format_prompt(sample["question"])] * batch, return_tensors="pt")
 
 
 def cells(model, method_names, budgets, params=None) -> list[tuple]:
@@ -93,11 +95,12 @@ def cells(model, method_names, budgets, params=None) -> list[tuple]:
             for m, inst in instances.items() if inst.uses_budget for b in budgets]
 
 
-def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None):
+def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None,
+                batch: int = 1):
     from . import flops
     from .timing import paired_prefill_ms, time_cell
 
-    inputs = _prompt(processor)
+    inputs = _prompt(processor, batch)
     grid = cells(model, method_names, budgets, params)
     base_time = time_cell(model, inputs, None, repeats=repeats)
     base_flops = flops.count_forward(model, inputs, decode=False)
@@ -110,7 +113,7 @@ def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5
         t, b = timed["medians"], base_time["medians"]
         ops = counted["flops_vision"] + counted["flops_prefill"]
         realized, predicted = statistics.median(plain) / statistics.median(pruned), base_ops / ops
-        rows.append({"model": name, "method": method, "budget": budget, "selection_ms": t["selection_ms"],
+        rows.append({"model": name, "method": method, "budget": budget, "batch": batch, "selection_ms": t["selection_ms"],
                      "prefill_ms": statistics.median(pruned), "prefill_ms_unpruned": statistics.median(plain),
                      "selection_share": t["selection_ms"] / t["prefill_ms"],
                      "speedup_realized": realized, "speedup_predicted": predicted,
@@ -134,7 +137,7 @@ def _codebook_params(model, method_names, output: Path) -> dict:
             if "path" in {f.name for f in dataclasses.fields(type(registry.get(m)))}}
 
 
-def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MODELS, say=print) -> list[dict]:
+def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MODELS, say=print, batch: int = 1) -> list[dict]:
     import pandas as pd
     from tqdm import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -151,7 +154,8 @@ def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MOD
 
             say(f"{cost_model.NAME}: {_shape(cost_model.LLAVA_15_7B)}, vocabulary {cost_model.VOCAB}; runs "
                 f"{cost_model.VISION_LAYERS} ViT and {cost_model.TEXT_LAYERS} decoder layers (harness.cost_model)")
-            rows += cost_model.bench(method_names, budgets, repeats, output, progress=lambda row: bar.update(1))
+            rows += cost_model.bench(method_names, budgets, repeats, output, progress=lambda row: bar.update(1),
+                                     batch=batch)
         else:
             if name == "testbed":
                 model = LlavaForConditionalGeneration.from_pretrained(M.CHECKPOINT).eval()
@@ -162,13 +166,13 @@ def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MOD
                 params = _codebook_params(model, method_names, output)
                 say(f"{name}: {_shape(SCALED_LLAVA)}, vocabulary {SCALED_VOCAB}")
             rows += bench_model(name, model, processor, method_names, budgets, repeats, params=params,
-                                progress=lambda row: bar.update(1))
+                                progress=lambda row: bar.update(1), batch=batch)
             del model
         pd.DataFrame(rows).to_csv(output / "bench.csv", index=False)  # after each model: a later failure keeps these
     bar.close()
     frame = pd.DataFrame(rows)
     _plot(frame, output / "bench.png")
-    columns = ["model", "method", "budget", "selection_share", "speedup_realized", "speedup_predicted",
+    columns = ["model", "method", "budget", "batch", "selection_share", "speedup_realized", "speedup_predicted",
                "realized_vs_predicted", "peak_memory_ratio"]
     say(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     say(f"device: {frame['device'].iloc[0]}, attention: {frame['attention'].iloc[0]}; wrote {output / 'bench.csv'}")

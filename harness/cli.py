@@ -116,10 +116,13 @@ def _bench(args) -> int:
             raise runner.RunError(f"unknown bench model(s) {unknown}; accepted: {', '.join(MODELS)}")
         if args.repeats < 1:
             raise runner.RunError(f"--repeats must be at least 1, got {args.repeats}")
+        if args.batch_size < 1:
+            raise runner.RunError(f"--batch-size must be at least 1, got {args.batch_size}")
     except runner.RunError as e:
         print(f"harness bench: {e}", file=sys.stderr)
         return 2
-    run_bench(names, Path(args.output), repeats=args.repeats, budgets=tuple(budgets), models=models)
+    run_bench(names, Path(args.output), repeats=args.repeats, budgets=tuple(budgets), models=models,
+              batch=args.batch_size)
     return 0
 
 
@@ -237,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", default="testbed,scaled-llava-1.5,llava-1.5-7b",
                        help="comma list of testbed, scaled-llava-1.5 (end to end) and llava-1.5-7b "
                             "(extrapolated from its real-size layers, harness.cost_model)")
+    bench.add_argument("--batch-size", dest="batch_size", type=int, default=1,
+                       help="identical prompts prefilled together (1: one request; `harness run` batches 8)")
     bench.add_argument("--output", default="runs/bench", help="folder for bench.csv and bench.png")
     bench.set_defaults(func=_bench)
 

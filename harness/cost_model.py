@@ -61,10 +61,10 @@ def round_robin_ms(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[f
     return times
 
 
-def decoder_layer(model, n: int):
-    """A callable running one decoder layer on n tokens (causal attention, as in a prefill)."""
+def decoder_layer(model, n: int, batch: int = 1):
+    """A callable running one decoder layer on `batch` rows of n tokens (causal attention, as in a prefill)."""
     lm = model.model.language_model
-    hidden = torch.randn(1, n, lm.config.hidden_size)
+    hidden = torch.randn(batch, n, lm.config.hidden_size)
     positions = torch.arange(n)[None]
     rope = lm.rotary_emb(hidden, positions)
 
@@ -74,11 +74,11 @@ def decoder_layer(model, n: int):
     return run
 
 
-def vision_layer(model):
-    """A callable running one ViT layer on the 577 tokens of one image."""
+def vision_layer(model, batch: int = 1):
+    """A callable running one ViT layer on the 577 tokens of each of `batch` images."""
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)  # transformers 4.x nests the transformer one level down
-    hidden = torch.randn(1, tower.embeddings.num_positions, tower.config.hidden_size)
+    hidden = torch.randn(batch, tower.embeddings.num_positions, tower.config.hidden_size)
 
     @torch.no_grad()
     def run():
@@ -91,26 +91,27 @@ def vision_layer_macs(n: int, d: int, m: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def bench(method_names, budgets, repeats: int, output, progress=None) -> list[dict]:
+def bench(method_names, budgets, repeats: int, output, progress=None, batch: int = 1) -> list[dict]:
     """Rows like `bench.bench_model`'s, for LLaVA-1.5-7B extrapolated from its layers (the codebook
-    methods with a random stand-in codebook of the shipped one's size, in `output`)."""
+    methods with a random stand-in codebook of the shipped one's size, in `output`), on `batch`
+    identical rows (operations are counted for all of them, as times are measured)."""
     from . import flops
     from .bench import _codebook_params, _prompt, cells
 
     model, processor = reduced_model()
-    inputs = _prompt(processor)
+    inputs = _prompt(processor, batch)
     grid = cells(model, method_names, budgets, _codebook_params(model, method_names, output))
     text_config = model.config.text_config
     full = LLAVA_15_7B
     n_image = model.config.image_seq_length
     n_text = inputs["input_ids"].shape[1] - n_image
-    extra_vit_macs = (full.vision_layers - VISION_LAYERS) * vision_layer_macs(
+    extra_vit_macs = batch * (full.vision_layers - VISION_LAYERS) * vision_layer_macs(
         n_image + 1, full.vision_hidden, 4 * full.vision_hidden)
     vision_ops = flops.count_forward(model, inputs, decode=False)["flops_vision"] + extra_vit_macs
     full_config = text_config.__class__(**{**text_config.to_dict(), "num_hidden_layers": full.text_layers})
     n_full = n_text + n_image
-    base_ops = vision_ops + flops.prefill_analytic(full_config, [n_full] * full.text_layers)
-    vit = vision_layer(model)
+    base_ops = vision_ops + batch * flops.prefill_analytic(full_config, [n_full] * full.text_layers)
+    vit = vision_layer(model, batch)
     rows = []
     for method, budget, scope in grid:
         per_layer = flops.tokens_per_layer(model, inputs, scope)
@@ -124,16 +125,16 @@ def bench(method_names, budgets, repeats: int, output, progress=None) -> list[di
 
         # The cell's parts, timed in turns: its reduced prefill, one ViT layer, one decoder layer at
         # every token count its layers see and at the unpruned count.
-        parts = {"prefill": pruned_prefill, "vit": vit} | {n: decoder_layer(model, n) for n in {n_full, *per_layer_full}}
+        parts = {"prefill": pruned_prefill, "vit": vit} | {n: decoder_layer(model, n, batch) for n in {n_full, *per_layer_full}}
         med = {k: statistics.median(v) for k, v in round_robin_ms(parts, repeats).items()}
         sel = statistics.median(selection[1:])  # less the warm-up's
         outside = med["prefill"] - sum(med[n] for n in per_layer) - VISION_LAYERS * med["vit"] - sel
         pruned_full = med["prefill"] + (full.vision_layers - VISION_LAYERS) * med["vit"] + \
             sum(med[n] for n in per_layer_full[TEXT_LAYERS:])
         plain_full = outside + full.vision_layers * med["vit"] + full.text_layers * med[n_full]
-        ops = vision_ops + flops.prefill_analytic(full_config, per_layer_full)
+        ops = vision_ops + batch * flops.prefill_analytic(full_config, per_layer_full)
         realized, predicted = plain_full / pruned_full, base_ops / ops
-        rows.append({"model": NAME, "method": method, "budget": budget,
+        rows.append({"model": NAME, "method": method, "budget": budget, "batch": batch,
                      "selection_ms": sel, "prefill_ms": pruned_full, "prefill_ms_unpruned": plain_full,
                      "selection_share": sel / pruned_full,
                      "speedup_realized": realized, "speedup_predicted": predicted,

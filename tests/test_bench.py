@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import methods
@@ -70,8 +71,25 @@ def test_cost_model_extrapolates_from_measured_layers(monkeypatch, tmp_path):
                 "fastv": (vision + flops.prefill_analytic(cfg, [n] * 7))
                 / (vision + flops.prefill_analytic(cfg, [n] * 2 + [n - 576 + 64] * 5))}
     for row in rows:
-        assert row["speedup_predicted"] == expected[row["method"]]
+        assert row["speedup_predicted"] == expected[row["method"]] and row["batch"] == 1
         assert row["prefill_ms"] > 0 and row["prefill_ms_unpruned"] > 0 and row["selection_share"] >= 0
+    # A batch of identical rows: every part counted for each row (vision traced on both images), so the
+    # predicted speedup is the one row's.
+    batched = cost_model.bench(["random", "fastv"], (64,), repeats=1, output=tmp_path, batch=2)
+    for row in batched:
+        assert row["batch"] == 2 and row["speedup_predicted"] == pytest.approx(expected[row["method"]], rel=1e-9)
+
+
+def test_bench_batches_identical_rows():
+    """`harness bench --batch-size 2`: rows say their batch; two identical rows leave the operation
+    ratio (the predicted speedup) as one row's."""
+    torch.manual_seed(0)
+    model, processor = M.build_model(M.TINY)
+    one, two = (bench.bench_model("tiny", model, processor, ["random", "fastv"], budgets=(64,), repeats=1,
+                                  params={"fastv": {"layer": 1}}, batch=b) for b in (1, 2))
+    assert [r["batch"] for r in one + two] == [1, 1, 2, 2]
+    for a, b in zip(one, two):
+        assert b["speedup_predicted"] == pytest.approx(a["speedup_predicted"], rel=1e-9)
 
 
 def test_cpu_peak_memory_sees_a_transient_tensor():
