@@ -137,7 +137,7 @@ def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, de
         vision = _timed(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), device,
                         repeats, warmup)
         prefill_ms = _timed(prefill, device, repeats, warmup)
-        _timed(decode_run, device, repeats, warmup)
+        _timed(decode_run, device, repeats, warmup)  # for its warm-up and repeats: each run notes its own figure
         peak = peak_memory_mb(lambda: generate(1), device)
     figures = {"vision_ms": spread(vision), "selection_ms": spread(selection[warmup:]), "prefill_ms": spread(prefill_ms),
                "decode_ms_per_token": spread(decode[warmup:])}
