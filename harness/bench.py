@@ -39,6 +39,7 @@ SCALED_LLAVA = M.ModelDims(vision_hidden=512, vision_layers=6, vision_heads=8, t
 MODELS = ("testbed", "scaled-llava-1.5", "llava-1.5-7b")
 SCALED_VOCAB = 32000
 BUDGETS = (192, 128, 64)
+TOKENS_PER_IMAGE = 576  # every bench model reads one 336 px image in 14 px patches: the largest budget
 
 
 def random_llava(dims: M.ModelDims, vocab: int):

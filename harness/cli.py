@@ -105,11 +105,12 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from . import runner
-    from .bench import MODELS, run_bench
+    from .bench import MODELS, TOKENS_PER_IMAGE, run_bench
 
     try:
         names = runner.resolve_methods(args.methods)
         budgets = runner.parse_budgets(args.budgets)
+        runner.check_budgets(budgets, TOKENS_PER_IMAGE)
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
         unknown = [m for m in models if m not in MODELS]
         if unknown or not models:

@@ -48,10 +48,10 @@ from tqdm import tqdm  # noqa: E402
 
 import methods  # noqa: E402
 
-from .adapters import prune  # noqa: E402
-from .budget import budget_label, check_budget  # noqa: E402
+from .adapters import NonFiniteFeatures, prune  # noqa: E402
+from .budget import budget_label, check_budget, parse_budget  # noqa: E402
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
-from .model_args import CheckpointError, check_pretrained, parse_budget  # noqa: E402,F401
+from .model_args import CheckpointError, check_pretrained  # noqa: E402,F401
 
 FULL_VOCAB_LIMIT = 1024  # store the whole first-token distribution for vocabularies this small
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -90,6 +90,11 @@ def _parse_batch_size(batch_size) -> int:
     if value < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return value
+
+
+def _doc_label(req) -> str:
+    """A request's document, as errors name it."""
+    return f"task {req.task_name} doc {req.doc_id}"
 
 
 def _stop_at(text: str, until) -> str:
@@ -163,10 +168,15 @@ class VTPLlava(lmms):
         one cell whatever ``--budgets`` says.
         """
         self.method = methods.get(method, **self.method_params) if isinstance(method, str) else method
-        budget = check_budget(parse_budget(budget), self._model.config.image_seq_length)
+        budget = check_budget(parse_budget(budget), self.tokens_per_image)
         if budget is not None and not getattr(self.method, "uses_budget", True):
             budget = None
         self.budget = budget
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens of one image: the largest integer budget this model takes."""
+        return self._model.config.image_seq_length
 
     @property
     def method_name(self) -> str:
@@ -195,6 +205,21 @@ class VTPLlava(lmms):
 
     def _measuring(self):
         return self._pruning_applied(record_ipr=False)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _naming_documents(images: list[list], labels: list[str]):
+        """A NonFiniteFeatures error inside names the document its image came from (`images`: each
+        row's images, in the order the adapter numbers them; `labels`: each row's document)."""
+        try:
+            yield
+        except NonFiniteFeatures as err:
+            first = 0
+            for row_images, label in zip(images, labels):
+                if err.image < first + len(row_images):
+                    raise err.at(f"{label}, image {err.image - first} of the document") from None
+                first += len(row_images)
+            raise
 
     def _per_row(self, run, input_ids) -> tuple[list[list[list[int]]], list[float | None]]:
         """Per row (images fill rows in order): its images' kept indices, and their mean ΔIPR
@@ -251,8 +276,9 @@ class VTPLlava(lmms):
 
         prompt, images = self.example_prompts[task]
         inputs = self._encode([prompt], [images])
-        counts = flops.count_forward(self._model, inputs, self._measuring)
-        per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
+        with self._naming_documents([images], [f"task {task}'s first prompt (operation count)"]):
+            counts = flops.count_forward(self._model, inputs, self._measuring)
+            per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
         counts.pop("torch_comparable")
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
         counts["equivalent_tokens"] = flops.equivalent_tokens(per_layer, inputs["input_ids"], self.image_token_id,
@@ -264,7 +290,8 @@ class VTPLlava(lmms):
         from .timing import time_cell
 
         prompt, images = self.example_prompts[task]
-        return time_cell(self._model, self._encode([prompt], [images]), self._measuring, repeats=repeats)
+        with self._naming_documents([images], [f"task {task}'s first prompt (timing pass)"]):
+            return time_cell(self._model, self._encode([prompt], [images]), self._measuring, repeats=repeats)
 
     def pop_records(self) -> dict[tuple, dict]:
         """The per-request records so far, and start afresh."""
@@ -384,22 +411,25 @@ class VTPLlava(lmms):
             prepared.append((self.build_prompt(ctx, len(images)), images, gen_kwargs))
             self.example_prompts.setdefault(task, prepared[-1][:2])
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
-        bar = tqdm(total=len(requests), desc=f"generate [{self.method_name}, budget {self._budget_label}]",
-                   disable=self.rank != 0, leave=False)
-        for indices in groups.values():
-            indices.sort(key=lambda i: (-len(prepared[i][1]), -len(prepared[i][0])))
-            max_new, until = self._gen_settings(prepared[indices[0]][2])
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                for i, result in zip(chunk, self._generate_batch([prepared[i] for i in chunk],
-                                                                 [requests[i] for i in chunk], max_new, until)):
-                    results[i] = result
-                bar.update(len(chunk))
-        bar.close()
+        with tqdm(total=len(requests), desc=f"generate [{self.method_name}, budget {self._budget_label}]",
+                  disable=self.rank != 0, leave=False) as bar:  # closed (cleared) on an error too
+            for indices in groups.values():
+                indices.sort(key=lambda i: (-len(prepared[i][1]), -len(prepared[i][0])))
+                max_new, until = self._gen_settings(prepared[indices[0]][2])
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start:start + self.batch_size]
+                    for i, result in zip(chunk, self._generate_batch([prepared[i] for i in chunk],
+                                                                     [requests[i] for i in chunk], max_new, until)):
+                        results[i] = result
+                    bar.update(len(chunk))
         return results
 
-    @torch.inference_mode()
     def _generate_batch(self, items, reqs, max_new_tokens: int, until) -> list:
+        with self._naming_documents([ims for _, ims, _ in items], [_doc_label(r) for r in reqs]):
+            return self._generate_batch_unnamed(items, reqs, max_new_tokens, until)
+
+    @torch.inference_mode()
+    def _generate_batch_unnamed(self, items, reqs, max_new_tokens: int, until) -> list:
         inputs = self._encode([p for p, _, _ in items], [ims for _, ims, _ in items], padding_side="left")
         n_in = inputs["input_ids"].shape[1]
         visual_in = self._visual_counts(inputs["input_ids"])
@@ -483,23 +513,24 @@ class VTPLlava(lmms):
             else:
                 items += [(prompt, images, [option]) for option in options]
         items.sort(key=lambda it: (-len(it[1]), -len(it[0])))
-        bar = tqdm(total=len(requests), desc=f"loglikelihood [{self.method_name}, budget {self._budget_label}]",
-                   disable=self.rank != 0, leave=False)
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            for (i, _, _), result in zip([o for it in chunk for o in it[2]],
-                                         self._loglikelihood_batch(chunk, requests)):
-                results[i] = result
-            bar.update(sum(len(it[2]) for it in chunk))
-        bar.close()
+        with tqdm(total=len(requests), desc=f"loglikelihood [{self.method_name}, budget {self._budget_label}]",
+                  disable=self.rank != 0, leave=False) as bar:  # closed (cleared) on an error too
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start:start + self.batch_size]
+                for (i, _, _), result in zip([o for it in chunk for o in it[2]],
+                                             self._loglikelihood_batch(chunk, requests)):
+                    results[i] = result
+                bar.update(sum(len(it[2]) for it in chunk))
         return results
 
     @torch.inference_mode()
     def _loglikelihood_batch(self, items, requests) -> list[tuple[float, bool]]:
         """One forward for the batch's prompts; each item's options in order. An item holds one
         continuation, or several single-token ones read at the same position."""
-        scored, run_info = self._score_continuations([(p, ims) for p, ims, _ in items],
-                                                     [options[0][2] for _, _, options in items])
+        with self._naming_documents([ims for _, ims, _ in items],
+                                    [_doc_label(requests[options[0][0]]) for _, _, options in items]):
+            scored, run_info = self._score_continuations([(p, ims) for p, ims, _ in items],
+                                                         [options[0][2] for _, _, options in items])
         results = []
         for row, ((loss, greedy, first, logprobs), (_, _, options)) in enumerate(zip(scored, items)):
             kept = run_info["kept"][row]

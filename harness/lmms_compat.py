@@ -31,6 +31,11 @@ when upstream fixes one, delete its function and its test.
    (``api/task.py:1583``): :func:`unwrap_retry_error` returns the real exception.
 8. Built-in tasks win name clashes with ``include_path`` tasks (``tasks/__init__.py:72``):
    :func:`task_manager` builds a ``TaskManager`` with ``include_defaults=False``.
+9. ``simple_evaluate`` imports private modules of packages lmms-eval does not bound
+   (``evaluator.py:134-135``, ``_enable_reentrant_filelocks``): ``filelock._api`` (gone in filelock 4.3)
+   and ``datasets.utils._filelock``. ``pyproject.toml`` bounds filelock and the lock pins both;
+   :func:`check_private_imports` (run by :func:`apply`) turns an environment without them into one
+   clear :class:`DependencyError` before any work, instead of a traceback from the first cell.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ UNWRAP_BUG_VERSIONS = ("0.7.3",)
 
 #: loguru level used after ``lmms_eval`` reset it; ``HARNESS_LOG_LEVEL`` overrides.
 DEFAULT_LOG_LEVEL = "WARNING"
+
+
+#: Fix 9: private modules lmms-eval 0.7.3 imports -> (distribution, what to install instead).
+PRIVATE_IMPORTS = {"filelock._api": ("filelock", "filelock<4.3"),
+                   "datasets.utils._filelock": ("datasets", "a datasets release that has it, as the lock pins")}
+
+
+class DependencyError(RuntimeError):
+    """The environment lacks something lmms-eval needs without declaring it (fix 9)."""
 
 
 def set_offline_env() -> None:
@@ -149,6 +163,25 @@ def task_manager(include_path, **kwargs):
     return TaskManager(include_path=paths, include_defaults=False, **kwargs)
 
 
+def check_private_imports() -> None:
+    """Fix 9: a DependencyError naming the module, the installed release and what to install, when a
+    private module lmms-eval 0.7.3 imports is missing."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    for module, (distribution, remedy) in PRIVATE_IMPORTS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            try:
+                installed = f"{distribution} {version(distribution)}"
+            except PackageNotFoundError:
+                installed = f"no {distribution}"
+            raise DependencyError(
+                f"lmms-eval {lmms_eval_version()} imports {module}, which {installed} (installed) does not have: "
+                f"install from the lock (make install) or {remedy}") from None
+
+
 def apply(restore_log: bool = True, log_level: str | None = None) -> None:
     """Import ``lmms_eval`` (evaluator, hence models) with every fix applied. Idempotent.
 
@@ -157,6 +190,7 @@ def apply(restore_log: bool = True, log_level: str | None = None) -> None:
     backend is imported. ``harness run`` restores logging (fix 3).
     """
     set_offline_env()
+    check_private_imports()
     import lmms_eval.evaluator  # noqa: F401  (imports lmms_eval.models: registry + loguru reset)
 
     patch_loglikelihood_unwrap()

@@ -1,5 +1,5 @@
 """Validation of the ``vtp_llava`` backend's model_args that must stay light (no torch, no
-lmms_eval import), so ``harness run`` reports a bad ``--model``/``--budgets`` at once."""
+lmms_eval import), so ``harness run`` reports a bad ``--model`` at once (budgets: ``harness.budget``)."""
 
 from __future__ import annotations
 
@@ -45,18 +45,3 @@ def check_pretrained(pretrained) -> str:
             f"(model_type {' / '.join(map(repr, LLAVA_MODEL_TYPES))}, LlavaForConditionalGeneration)")
     return location
 
-
-def parse_budget(budget):
-    """None, or a number: an int (tokens to keep) or a float (fraction to keep)."""
-    if budget is None or (isinstance(budget, str) and budget.strip().lower() in ("", "none", "full")):
-        return None
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        return budget
-    text = str(budget).strip()
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"budget must be a number (tokens kept, or a fraction), got {budget!r}") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from . import lmms_compat  # first: offline variables before lmms_eval/datasets/transformers
 
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -30,7 +31,9 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from .budget import BudgetError, check_budget  # noqa: E402
 from .budget import budget_label as label_budget  # noqa: E402
+from .budget import parse_budgets as parse_budget_list  # noqa: E402
 from .consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
 from .run_folder import STORE, SUMMARY, SUMMARY_COLUMNS  # noqa: E402
 from .store import Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
@@ -112,14 +115,20 @@ def resolve_methods(spec: str) -> list[str]:
 
 
 def parse_budgets(spec: str | None) -> list:
-    from .model_args import parse_budget
-
-    if spec is None or not str(spec).strip():
-        return []
+    """`--budgets` as a list (harness.budget.parse_budgets); what no model accepts is a RunError."""
     try:
-        return list(dict.fromkeys(parse_budget(s) for s in str(spec).split(",") if s.strip()))
-    except ValueError as e:
+        return parse_budget_list(spec)
+    except BudgetError as e:
         raise RunError(f"--budgets: {e}") from None
+
+
+def check_budgets(budgets: list, tokens_per_image: int) -> None:
+    """Every budget against the loaded model's tokens per image, before the first cell."""
+    for value in budgets:
+        try:
+            check_budget(value, tokens_per_image)
+        except BudgetError as e:
+            raise RunError(f"--budgets: {e}") from None
 
 
 DEFAULT_BUDGETS = (192, 128, 64)  # visual tokens kept per image: the literature's grid for 576
@@ -338,6 +347,24 @@ def _provenance(config: RunConfig, model_path: Path, fingerprint: dict, lm) -> d
             "python": platform.python_version(), "device": str(lm.device), "platform": platform.platform()}
 
 
+@contextlib.contextmanager
+def _refusing_bad_features(method: str, budget: str, out_dir: Path):
+    """Non-finite visual features inside a cell stop the run with one line (a RunError); the cells
+    finished before it stay in the store and summary, so a rerun resumes after them."""
+    from .adapters import NonFiniteFeatures
+
+    try:
+        yield
+    except Exception as e:
+        inner = lmms_compat.unwrap_retry_error(e)
+        if isinstance(inner, NonFiniteFeatures):
+            raise RunError(f"method {method} at budget {budget}: {inner}. Cells finished before this one are "
+                           f"kept in {out_dir}; rerun with --output {out_dir} to resume.") from None
+        if inner is not e:
+            raise inner from e
+        raise
+
+
 def run(config: RunConfig, out=None) -> list[dict]:
     """Evaluate every (method, budget) cell on the tasks and write the outputs. Returns the rows."""
     def say(msg: str) -> None:
@@ -356,7 +383,10 @@ def run(config: RunConfig, out=None) -> list[dict]:
         raise RunError(f"--limit must be positive, got {limit}")
     out_dir = Path(config.output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
 
-    lmms_compat.apply(log_level=config.log_level)
+    try:
+        lmms_compat.apply(log_level=config.log_level)
+    except lmms_compat.DependencyError as e:
+        raise RunError(str(e)) from None
     _quiet_progress_bars()
     from lmms_eval.evaluator import simple_evaluate
 
@@ -385,6 +415,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
     except ValueError as e:  # bad device/dtype/batch size
         raise RunError(str(e)) from None
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
+    check_budgets(budgets, lm.tokens_per_image)  # what this model cannot take, before the first cell
     # Each method once, with its parameters (they reach its repr, the cell key and the records); one
     # that cannot run on this model stops the run now.
     instances = {}
@@ -414,37 +445,33 @@ def run(config: RunConfig, out=None) -> list[dict]:
             say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)}: finished earlier (cell {key})")
             continue
         say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)} ...")
-        t0 = time.perf_counter()
-        try:
+        with _refusing_bad_features(method, budget_label(budget, method), out_dir):
+            t0 = time.perf_counter()
             res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
                                   log_samples=True, bootstrap_iters=0, use_cache=None,
                                   datetime_str=lmms_compat.fresh_datetime_str())
-        except Exception as e:
-            inner = lmms_compat.unwrap_retry_error(e)
-            if inner is not e:
-                raise inner from e
-            raise
-        records = lm.pop_records()
-        by_doc = _records_by_doc(records)
-        views = sample_views(res, by_doc)
-        if method == "none":
-            reference = views
-            lm.reference_answers = _reference_answers(records)
-        cell_rows = summary_rows(res, label, method, budget) + paired_rows(reference, views, label, method, budget)
-        timing_spread = {}
-        for task in views:
-            measured = dict(lm.flops(task))
-            if config.timing_repeats:
-                timed = lm.timings(task, config.timing_repeats)
-                measured.update(timed["medians"])
-                timing_spread[task] = timed
-            cell_rows += [dict(model=label, method=method, budget=budget_label(budget, method), task=task, metric=metric,
-                               value=float(value)) for metric, value in measured.items()]
-        rows += cell_rows
-        store.save_cell(key, run_id, determined_by, cell_rows,
-                        [(task, doc, asdict(view), by_doc.get((task, doc), []))
-                         for task, docs in views.items() for doc, view in docs.items()],
-                        details={"timing": timing_spread})
+            records = lm.pop_records()
+            by_doc = _records_by_doc(records)
+            views = sample_views(res, by_doc)
+            if method == "none":
+                reference = views
+                lm.reference_answers = _reference_answers(records)
+            cell_rows = (summary_rows(res, label, method, budget)
+                         + paired_rows(reference, views, label, method, budget))
+            timing_spread = {}
+            for task in views:
+                measured = dict(lm.flops(task))
+                if config.timing_repeats:
+                    timed = lm.timings(task, config.timing_repeats)
+                    measured.update(timed["medians"])
+                    timing_spread[task] = timed
+                cell_rows += [dict(model=label, method=method, budget=budget_label(budget, method), task=task,
+                                   metric=metric, value=float(value)) for metric, value in measured.items()]
+            rows += cell_rows
+            store.save_cell(key, run_id, determined_by, cell_rows,
+                            [(task, doc, asdict(view), by_doc.get((task, doc), []))
+                             for task, docs in views.items() for doc, view in docs.items()],
+                            details={"timing": timing_spread})
         write_samples(out_dir, res, by_doc, method, budget)
         results_dir = out_dir / "results"
         results_dir.mkdir(exist_ok=True)

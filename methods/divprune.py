@@ -19,7 +19,9 @@ from .base import Method, Selection, VisualContext
 
 
 def greedy_max_min(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices in the order the greedy max-min rule picks them (the first k)."""
+    """Indices in the order the greedy max-min rule picks them (the first k; none for k <= 0)."""
+    if k <= 0 or features.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=features.device)
     x = F.normalize(features.float(), dim=-1)
     dist = (x @ x.T).cpu().numpy()
     np.subtract(1, dist, out=dist)  # in place: the N x N product is most of the cost already

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Install vtp-harness (editable, with test extras) into a virtual environment.
+# Install vtp-harness into a virtual environment from the lock (constraints/lock.txt).
 #
 #   scripts/install.sh [VENV_DIR]      (default: .venv in the repository root)
 #
-# By default the install is CPU-only: constraints/cpu.txt pins torch to the local
-# CPU wheel so no CUDA packages are pulled. Set HARNESS_OWN_TORCH=1 to skip that
-# constraint when you have already installed your own (e.g. CUDA) torch in the venv
-# (that torch version is then pinned instead, so pip does not replace it).
-# Environment: PYTHON (interpreter used to create the venv, default python3).
+# Every package comes at the exact version and hash the lock names (scripts/lock.sh makes it from
+# pyproject.toml), then the project itself is installed editable without dependencies, and
+# scripts/check_env.py checks that the environment is the lock. The lock's torch is the CPU build
+# (torch==2.13.0+cpu): an unpinned torch would pull the newest CUDA build (several GB).
+# Set HARNESS_OWN_TORCH=1 when you have installed your own (e.g. CUDA) torch in the venv: the lock
+# is installed less torch, and your torch is left as it is.
+# Environment: PYTHON (interpreter used to create the venv, default python3; the lock is for 3.11).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,15 +19,9 @@ cd "$REPO_ROOT"
 
 PY="$VENV_DIR/bin/python"
 STAMP="$VENV_DIR/.vtp-harness-install.stamp"
-CONSTRAINTS="constraints/cpu.txt"
-
-if [[ "${HARNESS_OWN_TORCH:-0}" == "1" ]]; then
-    MODE="own-torch"
-    PIP_CONSTRAINT_ARGS=()
-else
-    MODE="cpu"
-    PIP_CONSTRAINT_ARGS=(-c "$CONSTRAINTS")
-fi
+LOCK="constraints/lock.txt"
+LOCK_PYTHON="3.11"  # the lock is resolved for it (scripts/lock.sh): the CPU torch wheel is cp311
+MODE=$([[ "${HARNESS_OWN_TORCH:-0}" == "1" ]] && echo own-torch || echo cpu)
 
 # pip (find-links / extra-index config) prints many harmless "Location ... is ignored"
 # warnings; drop them but keep everything else on stderr. Used as
@@ -42,35 +38,42 @@ if [[ ! -x "$PY" ]]; then
     "${PYTHON:-python3}" -m venv "$VENV_DIR"
 fi
 
-# Fast path: already installed in this mode and nothing relevant changed since.
-if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt "$CONSTRAINTS" ]] \
+PY_VERSION="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [[ "$PY_VERSION" != "$LOCK_PYTHON" ]]; then
+    echo "install.sh: $VENV_DIR has Python $PY_VERSION; the lock ($LOCK) is for Python $LOCK_PYTHON." \
+         "Remove it and set PYTHON=python$LOCK_PYTHON, or install outside the lock: pip install -e '.[test]'" >&2
+    exit 1
+fi
+
+# Fast path: installed in this mode from this lock and pyproject.toml; only check.
+if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt "$LOCK" ]] \
    && [[ "$(cat "$STAMP")" == "$MODE" ]]; then
-    exit 0
+    exec "$PY" scripts/check_env.py --allow-extra
 fi
 
+REQUIREMENTS="$LOCK"
 if [[ "$MODE" == "own-torch" ]]; then
-    # Keep the user's torch: without a pin, pip may "upgrade" it to the newest CUDA
-    # build from the index while resolving lmms-eval's torchvision dependency.
-    if OWN_TORCH_VERSION="$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null)"; then
-        OWN_CONSTRAINTS="$(mktemp)"
-        trap 'rm -f "$OWN_CONSTRAINTS"' EXIT
-        echo "torch==$OWN_TORCH_VERSION" > "$OWN_CONSTRAINTS"
-        PIP_CONSTRAINT_ARGS=(-c "$OWN_CONSTRAINTS")
-        echo "install.sh: HARNESS_OWN_TORCH=1: keeping installed torch $OWN_TORCH_VERSION"
-    else
-        echo "install.sh: warning: HARNESS_OWN_TORCH=1 but torch is not installed in $VENV_DIR;" \
-             "pip will pick a torch from the index" >&2
+    if ! OWN_TORCH_VERSION="$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null)"; then
+        echo "install.sh: HARNESS_OWN_TORCH=1 but torch is not installed in $VENV_DIR: install your torch first" >&2
+        exit 1
     fi
+    echo "install.sh: HARNESS_OWN_TORCH=1: keeping installed torch $OWN_TORCH_VERSION; the lock less torch"
+    REQUIREMENTS="$(mktemp)"
+    trap 'rm -f "$REQUIREMENTS"' EXIT
+    # A lock entry is its `name==version \` line and the indented hash and comment lines under it.
+    awk '/^[^ #]/ { skip = ($0 ~ /^torch==/) } !skip' "$LOCK" > "$REQUIREMENTS"
 fi
 
-echo "install.sh: installing vtp-harness[test] into $VENV_DIR ($MODE)"
+echo "install.sh: installing the lock and vtp-harness into $VENV_DIR ($MODE)"
 rm -f "$STAMP"
-{ "$PY" -m pip install -q "${PIP_CONSTRAINT_ARGS[@]}" -e ".[test]" 2>&1 1>&3 | filter_stderr; } 3>&1
+# --no-deps: the lock is the whole set (hash-checked); nothing outside it is resolved or fetched.
+{ "$PY" -m pip install -q --no-deps --require-hashes -r "$REQUIREMENTS" 2>&1 1>&3 | filter_stderr; } 3>&1
+# The project itself, built with the lock's setuptools (no isolated build environment to resolve).
+{ "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 1>&3 | filter_stderr; } 3>&1
 
-# lmms-eval declares torchvision, but nothing here needs it. The PyPI torchvision wheel
-# is built against CUDA torch and fails to import with the CPU torch
-# ("operator torchvision::nms does not exist"); transformers would then fail to import
-# the LLaVA classes. Remove it only when it is installed and actually broken.
+# lmms-eval and timm declare torchvision; the lock leaves it out (nothing here imports it). One that a
+# user installed beside their own torch and that fails to import breaks transformers' LLaVA imports
+# ("operator torchvision::nms does not exist"): remove it only then.
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"; then
     if ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
         echo "install.sh: uninstalling torchvision: it fails to import with this torch build (unused; it breaks transformers' LLaVA imports)"
@@ -78,5 +81,6 @@ if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torc
     fi
 fi
 
+"$PY" scripts/check_env.py --allow-extra
 echo "$MODE" > "$STAMP"
 echo "install.sh: done"

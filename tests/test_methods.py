@@ -12,7 +12,7 @@ import torch
 import methods
 from harness.adapters import prune
 from harness.adapters.llava import last_token_attention
-from harness.budget import check_budget, tokens_to_keep
+from harness.budget import BudgetError, check_budget, parse_budget, parse_budgets, tokens_to_keep
 from harness.codebook.files import save as save_codebook
 from harness.testbed import model as M
 from harness.testbed import questions as Q
@@ -223,10 +223,59 @@ def test_fastv_attention_row_equals_eager_attention(tiny):
 def test_budgets():
     assert tokens_to_keep(None, 576) == 576 and tokens_to_keep(64, 576) == 64
     assert tokens_to_keep(0.25, 576) == 144 and tokens_to_keep(0.0001, 576) == 1
-    for bad, match in [(0, "at least one"), (-3, "at least one"), (577, "above the 576"), (1.5, r"\(0, 1\]"),
-                       ("64", "integer"), (True, "integer")]:
-        with pytest.raises(ValueError, match=match):
+    accepted = r"accepted: an integer 1\.\.576 \(visual tokens kept per image\) or a fraction in \(0, 1\]"
+    for bad, match in [(0, "budget 0 keeps no token"), (-3, "budget -3 keeps no token"),
+                       (577, "budget 577 is above the 576 visual tokens"), (1.5, r"1\.5 is a fraction outside \(0, 1\]"),
+                       (float("nan"), "nan is a fraction outside"), ("64", "'64' is not a number"),
+                       (True, "True is not a number")]:
+        with pytest.raises(BudgetError, match=f"{match}.*; {accepted}$"):
             check_budget(bad, 576)
+
+
+def test_budgets_are_parsed_and_checked_as_typed():
+    assert parse_budgets("192, 128,0.25,192") == [192, 128, 0.25] and parse_budgets(" ") == []
+    assert parse_budget("full") is None and parse_budget(64) == 64
+    for text, match in [("0", "budget 0 keeps no token"), ("-1", "budget -1 keeps no token"),
+                        ("1.5", "budget 1.5 is a fraction outside"), ("abc", "budget 'abc' is not a number"),
+                        ("64,x", "budget 'x' is not a number")]:
+        with pytest.raises(BudgetError, match=f"{match}.*; accepted: an integer at least 1 "):
+            parse_budgets(text)
+    assert parse_budgets("577") == [577]  # above this model's tokens: only the model can say (runner)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_a_budget_of_zero_selects_nothing(name, tmp_path):
+    ctx = _context()
+    params = {}
+    if "path" in {f.name for f in dataclasses.fields(methods.get(name).__class__)}:
+        save_codebook(tmp_path / "cb.pt", ctx.features[:10] + 0.1 * torch.randn(10, 16), ["t"] * 10, {})
+        params["path"] = str(tmp_path / "cb.pt")
+    method = methods.get(name, **params)
+    if not method.uses_budget or method.adaptive:
+        pytest.skip(f"{name} decides how many tokens it keeps")
+    kept = method.select(ctx, 0).kept
+    assert kept.dtype == torch.long and kept.shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["gprune", "divprune", "lofi", "fastv", "random"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_are_refused_before_the_method_sees_them(tiny, name, bad):
+    """A NaN (or inf) row, as an fp16 overflow makes: one clear error naming the image, the method
+    and the dtype, from the adapter, before any method chooses from it."""
+    from harness.adapters import NonFiniteFeatures
+
+    model, processor = tiny
+    inputs = _inputs(processor, SAMPLES[:2])
+    # One token's projector output (FastV: the hidden state entering layer K-1 = 0, the same row).
+    handle = model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, out: out.index_fill(1, torch.tensor([5]), bad))
+    try:
+        with pytest.raises(NonFiniteFeatures, match=rf"image 0 of the batch: the features handed to {name} hold "
+                                                     r"\d+ non-finite value\(s\) \(NaN or inf\) of \d+, in float32"):
+            with prune(model, name, budget=64, **TINY_PARAMS.get(name, {})):
+                _generate(model, inputs)
+    finally:
+        handle.remove()
 
 
 def test_bad_inputs_are_clear_errors(tiny):

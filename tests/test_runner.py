@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -286,3 +287,61 @@ def test_code_version_follows_the_code_results_depend_on(tmp_path):
     assert len(seen) == 4
     (tmp_path / "methods/new.py").write_text("")  # a new module counts too
     assert code_version(tmp_path) not in seen
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("0", "budget 0 keeps no token"), ("-1", "budget -1 keeps no token"),
+    ("1.5", r"budget 1.5 is a fraction outside \(0, 1\]"), ("abc", "budget 'abc' is not a number"),
+    ("64,577", "budget 577 is above the 576 visual tokens of an image of this model")])
+def test_a_bad_budget_stops_the_run_before_any_cell(tiny_llava_dir, tmp_path, capsys, bad, message):
+    """One line naming the value and what is accepted, exit 2, and nothing computed: 0, -1, 1.5 and
+    'abc' before the model loads, 577 (above this model's 576 tokens) right after."""
+    out = tmp_path / "out"
+    assert cli.main(["run", "--methods", "fastv", "--budgets", bad, "--tasks", "testbed_exist", "--limit", "1",
+                     "--model", str(tiny_llava_dir), "--output", str(out), "--params", "fastv:layer=1"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(rf"^harness run: error: --budgets: {message}.*; accepted: an integer ", lines[0])
+    assert "fraction in (0, 1]" in lines[0] and "Traceback" not in captured.err
+    assert "[1/" not in captured.out and not (out / "summary.csv").exists()  # no cell started
+    assert ("loaded in" in captured.out) == (bad == "64,577")  # what the model decides waits for it
+
+
+def test_a_bad_budget_exits_2_without_a_traceback_from_the_shell(tiny_llava_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--methods", "random", "--budgets", "577",
+                           "--model", str(tiny_llava_dir), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "harness run: error: --budgets: budget 577 is above the 576 visual tokens of an image of this model; "
+        "accepted: an integer 1..576 (visual tokens kept per image) or a fraction in (0, 1]"]
+
+
+def test_non_finite_features_stop_the_run_in_one_line_and_keep_finished_cells(tiny_llava_dir, tmp_path, capsys):
+    """A checkpoint whose projector overflows (a NaN in a bias): the unpruned cell finishes and is kept;
+    the pruned cell stops the run with one line naming the document, image, method and dtype."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-llava"
+    shutil.copytree(tiny_llava_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    tensors = load_file(weights)
+    bias = next(k for k in tensors if "multi_modal_projector" in k and k.endswith("bias"))
+    tensors[bias][3] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert cli.main(["run", "--methods", "gprune", "--budgets", "64", "--tasks", "testbed_exist", "--limit", "1",
+                     "--model", str(broken), "--output", str(out), "--timing-repeats", "0"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "error" in line]  # not the progress bars
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert re.search(r"^harness run: error: method gprune at budget 64: task testbed_exist doc \d+, image 0 of the "
+                     r"document: the features handed to gprune hold \d+ non-finite value\(s\) \(NaN or inf\) of \d+, "
+                     r"in float32; the checkpoint's weights or the inputs hold them\. Cells finished before this one are kept in ", lines[0]), lines[0]
+    with open(out / "summary.csv") as f:
+        kept = {(r["method"], r["metric"]) for r in csv.DictReader(f)}
+    assert ("none", "accuracy") in kept and not any(m == "gprune" for m, _ in kept)
+    assert torch.isnan(tensors[bias]).any()

@@ -36,6 +36,7 @@ import methods
 from methods.base import Method, Selection, VisualContext
 
 from ..budget import check_budget, tokens_to_keep
+from .checks import check_finite
 
 
 @dataclass
@@ -185,6 +186,9 @@ class PruningRun:
         n = int(n)  # a traced size (fvcore) is a tensor
         self._tokens_per_image = n
         k = tokens_to_keep(self.budget, n)
+        # Once per image: NaN or inf features (an fp16 overflow) would be chosen from silently.
+        check_finite(i, getattr(self.method, "name", type(self.method).__name__),
+                     features=features, vision_features=vision, attention_row=attention_row)
         started = time.perf_counter()
         with torch.no_grad():
             selection = self.method.select(self._context(i, features, n, vision, attention_row), k)
