@@ -45,8 +45,8 @@ if [[ "$PY_VERSION" != "$LOCK_PYTHON" ]]; then
     exit 1
 fi
 
-# Fast path: installed in this mode from this lock and pyproject.toml; only check.
-if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt "$LOCK" ]] \
+# Fast path: installed in this mode from this lock, pyproject.toml and script; only check.
+if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt "$LOCK" && "$STAMP" -nt scripts/install.sh ]] \
    && [[ "$(cat "$STAMP")" == "$MODE" ]]; then
     exec "$PY" scripts/check_env.py --allow-extra
 fi
@@ -68,6 +68,9 @@ echo "install.sh: installing the lock and vtp-harness into $VENV_DIR ($MODE)"
 rm -f "$STAMP"
 # --no-deps: the lock is the whole set (hash-checked); nothing outside it is resolved or fetched.
 { "$PY" -m pip install -q --no-deps --require-hashes -r "$REQUIREMENTS" 2>&1 1>&3 | filter_stderr; } 3>&1
+# An egg-info folder left in the checkout by an older install shadows the installed metadata (its
+# entry points) for anything run from the repository root: this install makes none, so remove it.
+rm -rf "$REPO_ROOT"/*.egg-info
 # The project itself, built with the lock's setuptools (no isolated build environment to resolve).
 { "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 1>&3 | filter_stderr; } 3>&1
 
