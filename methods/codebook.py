@@ -19,7 +19,7 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from harness.codebook import files
+from . import codebook_files as files
 
 from . import register
 from .base import Method, Selection, VisualContext, check_range

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTBED_CODEBOOK = "harness/testbed/codebook/codebook.pt"
 
 

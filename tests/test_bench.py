@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import methods
-from harness import bench
-from harness.codebook import files
+from harness.bench import measure as bench
+from methods import codebook_files as files
 from harness.testbed import model as M
 
 
@@ -41,7 +41,7 @@ def test_scaled_llava_has_the_stated_shape():
 
 
 def test_cost_model_is_llava_15_7b():
-    from harness import cost_model
+    from harness.bench import cost_model
 
     d = cost_model.LLAVA_15_7B
     assert (d.vision_hidden, d.vision_layers, d.vision_heads) == (1024, 24, 16)
@@ -52,7 +52,8 @@ def test_cost_model_is_llava_15_7b():
 def test_cost_model_extrapolates_from_measured_layers(monkeypatch, tmp_path):
     """On a small stand-in of the same structure: rows for every budgeted method, and the predicted
     speedup is the full-depth count (vision traced + extra ViT layers, analytic decoder layers)."""
-    from harness import cost_model, flops
+    from harness.bench import cost_model
+    from harness.metrics import flops
 
     small = M.ModelDims(vision_hidden=32, vision_layers=5, vision_heads=2, text_hidden=64, text_layers=7,
                         text_heads=4, text_kv_heads=4, text_intermediate=128)
@@ -93,7 +94,7 @@ def test_bench_batches_identical_rows():
 
 
 def test_cpu_peak_memory_sees_a_transient_tensor():
-    from harness.timing import peak_memory_mb
+    from harness.metrics.timing import peak_memory_mb
 
     def work():
         big = torch.ones(4 * 2 ** 20)  # 16 MiB, freed on return
@@ -109,7 +110,7 @@ def test_decode_is_timed_token_by_token_in_one_generate():
     from PIL import Image
     from transformers import StoppingCriteriaList
 
-    from harness import timing
+    from harness.metrics import timing
 
     torch.manual_seed(0)
     model, processor = M.build_model(M.TINY)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness import flops as FL
+from harness.metrics import flops as FL
 from harness.adapters import prune
 from harness.testbed import model as M
 from harness.testbed import questions as Q

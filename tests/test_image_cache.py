@@ -1,10 +1,10 @@
-"""harness.image_cache: cached pixels equal the processor's, and the cache stays in its bounds."""
+"""harness.evaluation.image_cache: cached pixels equal the processor's, and the cache stays in its bounds."""
 
 import numpy as np
 import torch
 from PIL import Image
 
-from harness.image_cache import CachedImageProcessor, LRUBytes
+from harness.evaluation.image_cache import CachedImageProcessor, LRUBytes
 
 
 def test_lru_keeps_to_its_byte_budget():

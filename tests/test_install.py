@@ -90,7 +90,7 @@ def test_the_environment_check_fails_clearly_on_a_lock_it_does_not_match(tmp_pat
 
 
 def test_a_missing_private_module_of_lmms_eval_is_one_clear_error(monkeypatch):
-    from harness import lmms_compat
+    from harness.evaluation import lmms_compat
 
     lmms_compat.check_private_imports()  # the installed environment has them
     monkeypatch.setitem(sys.modules, "filelock._api", None)  # as under filelock 4.3: import fails

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from harness import cli
-from harness.ipr_analysis import analyze_consistency
+from harness.reports.ipr_analysis import analyze_consistency
 
 
 def _summary(path, cells):

@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import cli, leaderboard, runner
+from harness import cli
+from harness.reports import leaderboard
+from harness.evaluation import runner
 
 METHODS = ("random", "uniform", "cls_attention")  # pre-LLM: FastV's layer 2 is past the tiny model's 2 layers
 TASKS = ("testbed_exist", "testbed_color")

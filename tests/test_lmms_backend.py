@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from harness import lmms_compat
+from harness.evaluation import lmms_compat
 
 lmms_compat.apply(restore_log=False)
 
@@ -13,7 +13,7 @@ from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from harness.lmms_backend import CheckpointError, VTPLlava, _stop_at  # noqa: E402
+from harness.evaluation.lmms_backend import CheckpointError, VTPLlava, _stop_at  # noqa: E402
 
 COLOURS = ("red", "blue", "green", "white")
 
@@ -46,7 +46,7 @@ def test_plugin_resolves_through_the_entry_point():
     import lmms_eval.models as models
 
     names = {ep.name: ep.value for ep in entry_points(group="lmms_eval.models")}
-    assert names.get("vtp_llava") == "harness.lmms_plugin:manifests", \
+    assert names.get("vtp_llava") == "harness.evaluation.lmms_plugin:manifests", \
         "entry point missing: run `pip install --no-deps -e .` in the venv"
     assert models.get_model("vtp_llava") is VTPLlava
     assert models.get_model("vtp_llava", force_simple=True) is VTPLlava
@@ -222,7 +222,7 @@ def test_options_of_one_prompt_share_a_forward(lm, method):
 
 def test_images_and_pixels_are_reused_across_calls(lm):
     """A second pass over the same docs renders nothing and processes no image again, and gives
-    the same answers (harness.image_cache)."""
+    the same answers (harness.evaluation.image_cache)."""
     reqs = _requests(lm, "loglikelihood", second=" blue")
     calls = []
     original = _doc_to_visual

@@ -1,10 +1,10 @@
-"""The lmms-eval 0.7.3 workarounds in harness.lmms_compat, one test each (drop with the fix)."""
+"""The lmms-eval 0.7.3 workarounds in harness.evaluation.lmms_compat, one test each (drop with the fix)."""
 
 import os
 
 import pytest
 
-from harness import lmms_compat
+from harness.evaluation import lmms_compat
 
 
 def test_offline_variables_are_set_by_default_but_not_forced(monkeypatch):

@@ -13,7 +13,7 @@ import methods
 from harness.adapters import prune
 from harness.adapters.llava import last_token_attention
 from harness.budget import BudgetError, check_budget, parse_budget, parse_budgets, tokens_to_keep
-from harness.codebook.files import save as save_codebook
+from methods.codebook_files import save as save_codebook
 from harness.testbed import model as M
 from harness.testbed import questions as Q
 from harness.testbed import world as W

@@ -10,8 +10,9 @@ import sqlite3
 
 import pytest
 
-from harness import cli, regress
-from harness.regress import Thresholds
+from harness import cli
+from harness.reports import regress
+from harness.reports.regress import Thresholds
 
 TASKS = "testbed_exist,testbed_color_mc"
 
@@ -257,7 +258,7 @@ def test_the_committed_baseline_is_the_ci_protocol():
     assert base.protocol["tasks"] == sorted(config["tasks"])
     assert {m for m, _, _ in base.metrics} == set(config["methods"])
     assert {t for _, _, t in base.metrics} == set(config["tasks"])
-    from harness.store import model_hash
+    from harness.evaluation.store import model_hash
     from harness.testbed.model import CHECKPOINT
 
     assert base.protocol["model"] == model_hash(CHECKPOINT), \

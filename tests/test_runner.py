@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from harness import cli, runner
+from harness import cli
+from harness.evaluation import runner
 
 
 def test_methods_resolution():
@@ -184,7 +185,7 @@ def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
 
 
 def test_mcnemar_and_divergences():
-    from harness.consistency import SampleView, _kl_and_jsd, mcnemar_p, paired_metrics
+    from harness.metrics.consistency import SampleView, _kl_and_jsd, mcnemar_p, paired_metrics
 
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(0, 6) == pytest.approx(2 / 64)
     assert mcnemar_p(3, 3) == 1.0
@@ -270,14 +271,14 @@ def test_limit_argument():
 def test_code_version_follows_the_code_results_depend_on(tmp_path):
     """Cells are keyed on the content of the code that determines results: documents, reports and
     training scripts leave finished cells valid; a method, the harness core or a task invalidates them."""
-    from harness.store import code_version
+    from harness.evaluation.store import code_version
 
-    for rel in ("methods/m.py", "harness/core.py", "harness/leaderboard.py", "harness/testbed/train.py",
+    for rel in ("methods/m.py", "harness/core.py", "harness/reports/leaderboard.py", "harness/testbed/train.py",
                 "tasks/t/t.yaml", "README.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x = 1\n")
     base = code_version(tmp_path)
-    for rel in ("README.md", "harness/leaderboard.py", "harness/testbed/train.py"):
+    for rel in ("README.md", "harness/reports/leaderboard.py", "harness/testbed/train.py"):
         (tmp_path / rel).write_text("x = 2\n")
         assert code_version(tmp_path) == base, rel
     seen = {base}

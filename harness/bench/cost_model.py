@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from .testbed import model as M
+from harness.testbed import model as M
 
 LLAVA_15_7B = M.ModelDims(vision_hidden=1024, vision_layers=24, vision_heads=16, text_hidden=4096, text_layers=32,
                           text_heads=32, text_kv_heads=32, text_intermediate=11008)
@@ -40,7 +40,7 @@ def reduced_model():
     """LLaVA-1.5-7B's widths with VISION_LAYERS ViT and TEXT_LAYERS decoder layers, random weights."""
     import dataclasses
 
-    from .bench import random_llava
+    from .measure import random_llava
 
     return random_llava(dataclasses.replace(LLAVA_15_7B, vision_layers=VISION_LAYERS, text_layers=TEXT_LAYERS),
                         VOCAB)
@@ -95,8 +95,8 @@ def bench(method_names, budgets, repeats: int, output, progress=None, batch: int
     """Rows like `bench.bench_model`'s, for LLaVA-1.5-7B extrapolated from its layers (the codebook
     methods with a random stand-in codebook of the shipped one's size, in `output`), on `batch`
     identical rows (operations are counted for all of them, as times are measured)."""
-    from . import flops
-    from .bench import _codebook_params, _prompt, cells
+    from harness.metrics import flops
+    from .measure import _codebook_params, _prompt, cells
 
     model, processor = reduced_model()
     inputs = _prompt(processor, batch)

@@ -8,14 +8,14 @@ decoder with LLaVA-1.5-7B's proportions). Printed and written to `bench.csv` (+ 
 
   selection_share     selection time / pruned prefill time (time to first token)
   speedup_realized    unpruned prefill time / pruned prefill time, the two timed alternately
-  speedup_predicted   unpruned (vision + prefill) operations / pruned ones (harness.flops)
+  speedup_predicted   unpruned (vision + prefill) operations / pruned ones (harness.metrics.flops)
   realized_vs_predicted
-  peak_memory_ratio   pruned / unpruned peak memory of the prefill (harness.timing)
+  peak_memory_ratio   pruned / unpruned peak memory of the prefill (harness.metrics.timing)
 
 The codebook methods run on the scaled model with a random codebook of the shipped one's size
 (`stand_in_codebook`): the cost is the same, the choices are meaningless.
 
-Times are medians over `repeats` after a warm-up (harness.timing); ratios are what to compare
+Times are medians over `repeats` after a warm-up (harness.metrics.timing); ratios are what to compare
 across machines, absolute times only with the device named.
 """
 
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from .testbed import model as M
+from harness.testbed import model as M
 
 #: LLaVA-1.5-7B's shape scaled down to run end to end here: ViT 1024x24 -> 512x6 and LLM 4096x32 -> 1024x8,
 #: keeping LLaVA's head widths (ViT 64, LLM 128), its MLP ratios (4 and 11008/4096) and full multi-head
 #: attention, vocabulary 32000. (Width matters: this CPU runs an 82-row product at 68% of the 594-row
-#: rate at width 512, 89% at 1024; at 4096 see harness.cost_model.)
+#: rate at width 512, 89% at 1024; at 4096 see harness.bench.cost_model.)
 SCALED_LLAVA = M.ModelDims(vision_hidden=512, vision_layers=6, vision_heads=8, text_hidden=1024, text_layers=8,
                            text_heads=8, text_kv_heads=8, text_intermediate=2752)
 MODELS = ("testbed", "scaled-llava-1.5", "llava-1.5-7b")
@@ -63,7 +63,7 @@ def scaled_llava():
 def stand_in_codebook(model, folder: Path) -> Path:
     """A random-weight model has no codebook worth mining; for the cost of the codebook methods, a
     codebook of the shipped one's size (prototype count) in this model's width stands in."""
-    from .codebook import files
+    from methods import codebook_files as files
 
     size = files.load(files.TESTBED_CODEBOOK).shape[0]
     g = torch.Generator().manual_seed(0)
@@ -73,8 +73,8 @@ def stand_in_codebook(model, folder: Path) -> Path:
 
 def _prompt(processor, batch: int = 1):
     """The bench's prompt, `batch` identical rows (no padding: every row has the same shapes)."""
-    from .testbed import questions as Q
-    from .testbed import world as W
+    from harness.testbed import questions as Q
+    from harness.testbed import world as W
 
     sample = Q.make_sample("test", "color", 0)
     return processor(images=[[W.render_pil(sample["scenes"][0])]] * batch,
@@ -86,7 +86,7 @@ def cells(model, method_names, budgets, params=None) -> list[tuple]:
     first, so one that cannot run on this model stops the bench before any timing."""
     import methods as registry
 
-    from .adapters import prune
+    from harness.adapters import prune
 
     params = params or {}
     instances = {m: registry.get(m, **params.get(m, {})) for m in method_names}
@@ -98,8 +98,8 @@ def cells(model, method_names, budgets, params=None) -> list[tuple]:
 
 def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None,
                 batch: int = 1):
-    from . import flops
-    from .timing import paired_prefill_ms, time_cell
+    from harness.metrics import flops
+    from harness.metrics.timing import paired_prefill_ms, time_cell
 
     inputs = _prompt(processor, batch)
     grid = cells(model, method_names, budgets, params)
@@ -154,7 +154,7 @@ def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MOD
             from . import cost_model
 
             say(f"{cost_model.NAME}: {_shape(cost_model.LLAVA_15_7B)}, vocabulary {cost_model.VOCAB}; runs "
-                f"{cost_model.VISION_LAYERS} ViT and {cost_model.TEXT_LAYERS} decoder layers (harness.cost_model)")
+                f"{cost_model.VISION_LAYERS} ViT and {cost_model.TEXT_LAYERS} decoder layers (harness.bench.cost_model)")
             rows += cost_model.bench(method_names, budgets, repeats, output, progress=lambda row: bar.update(1),
                                      batch=batch)
         else:

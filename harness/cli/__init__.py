@@ -6,7 +6,7 @@ import argparse
 import sys
 
 # The default protocol (`harness run` with no flags): the testbed group, this many test documents per
-# task, budgets 192/128/64 (harness.runner.DEFAULT_BUDGETS), timing repeats 5.
+# task, budgets 192/128/64 (harness.evaluation.runner.DEFAULT_BUDGETS), timing repeats 5.
 DEFAULT_LIMIT = 30
 
 
@@ -79,7 +79,7 @@ def _positive_float(text: str) -> float:
 
 
 def _testbed_train(args) -> int:
-    from .testbed import train as T
+    from harness.testbed import train as T
 
     recipe = T.Recipe(seed=args.seed)
     for flag, _, _ in RECIPE_FLAGS:
@@ -104,8 +104,8 @@ def _testbed_train(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from . import runner
-    from .bench import MODELS, TOKENS_PER_IMAGE, run_bench
+    from harness.evaluation import runner
+    from harness.bench.measure import MODELS, TOKENS_PER_IMAGE, run_bench
 
     try:
         names = runner.resolve_methods(args.methods)
@@ -130,9 +130,9 @@ def _bench(args) -> int:
 def _codebook_build(args) -> int:
     from pathlib import Path
 
-    from .codebook.build import BuildConfig, build
-    from .codebook.probes import ProbeConfig
-    from .runner import RunError, resolve_model
+    from harness.codebook.build import BuildConfig, build
+    from harness.codebook.probes import ProbeConfig
+    from harness.evaluation.runner import RunError, resolve_model
 
     try:
         model = resolve_model(args.model)
@@ -153,8 +153,8 @@ def _codebook_build(args) -> int:
 
 
 def _codebook_analyze(args) -> int:
-    from .codebook.analyze import analyze
-    from .codebook.files import CodebookError
+    from harness.codebook.analyze import analyze
+    from methods.codebook_files import CodebookError
 
     try:
         analyze(args.codebook, args.output, run_dir=args.run)
@@ -165,7 +165,7 @@ def _codebook_analyze(args) -> int:
 
 
 def _analyze_consistency(args) -> int:
-    from .ipr_analysis import analyze_consistency
+    from harness.reports.ipr_analysis import analyze_consistency
 
     try:
         analyze_consistency(args.run_dir)
@@ -190,7 +190,7 @@ def _limit(text: str):
 
 
 def _run(args) -> int:
-    from .runner import RunConfig, RunError, parse_params, run
+    from harness.evaluation.runner import RunConfig, RunError, parse_params, run
 
     config = RunConfig(methods=args.methods, budgets=args.budgets, tasks=args.tasks, model=args.model,
                        model_name=args.model_name, limit=args.limit, output=args.output,
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per quantity (median reported)")
     bench.add_argument("--models", default="testbed,scaled-llava-1.5,llava-1.5-7b",
                        help="comma list of testbed, scaled-llava-1.5 (end to end) and llava-1.5-7b "
-                            "(extrapolated from its real-size layers, harness.cost_model)")
+                            "(extrapolated from its real-size layers, harness.bench.cost_model)")
     bench.add_argument("--batch-size", dest="batch_size", type=int, default=1,
                        help="identical prompts prefilled together (1: one request; `harness run` batches 8)")
     bench.add_argument("--output", default="runs/bench", help="folder for bench.csv and bench.png")
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     consistency.add_argument("run_dir", help="output folder of a `harness run`")
     consistency.set_defaults(func=_analyze_consistency)
 
-    from . import leaderboard, regress
+    from harness.reports import leaderboard, regress
 
     leaderboard.add_parser(sub)
     regress.add_parser(sub)
@@ -305,6 +305,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

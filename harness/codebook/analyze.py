@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from methods import codebook_files as files
 from .build import BuildConfig, combined_jsd, label, load_model, run_probes, testbed_images
 from .probes import ProbeConfig
 

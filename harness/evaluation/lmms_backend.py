@@ -1,6 +1,6 @@
 """lmms-eval model backend for Hugging Face LLaVA-class checkpoints (``LlavaForConditionalGeneration``).
 
-Registered as ``vtp_llava`` through the ``lmms_eval.models`` entry point (``harness.lmms_plugin``), so
+Registered as ``vtp_llava`` through the ``lmms_eval.models`` entry point (``harness.evaluation.lmms_plugin``), so
 
     lmms-eval eval --model vtp_llava --model_args pretrained=PATH,method=none --tasks ... --include_path tasks
 
@@ -48,8 +48,8 @@ from tqdm import tqdm  # noqa: E402
 
 import methods  # noqa: E402
 
-from .adapters import NonFiniteFeatures, prune  # noqa: E402
-from .budget import budget_label, check_budget, parse_budget  # noqa: E402
+from harness.adapters import NonFiniteFeatures, prune  # noqa: E402
+from harness.budget import budget_label, check_budget, parse_budget  # noqa: E402
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
 from .model_args import CheckpointError, check_pretrained  # noqa: E402,F401
 
@@ -132,7 +132,7 @@ class VTPLlava(lmms):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         self._processor = AutoProcessor.from_pretrained(self.pretrained)
-        # The documents' images and pixels, kept across cells (harness.image_cache): a quarter of
+        # The documents' images and pixels, kept across cells (harness.evaluation.image_cache): a quarter of
         # the budget for the images, the rest for their pixel tensors.
         cache_bytes = max(0, int(image_cache_mb)) * 2 ** 20
         self._visual_cache = LRUBytes(cache_bytes // 4)
@@ -271,8 +271,8 @@ class VTPLlava(lmms):
 
     def flops(self, task: str) -> dict[str, int]:
         """Operation counts of the current method and budget on the task's first prompt (the
-        generation prompt; see harness.flops): fvcore counts and the analytic prefill."""
-        from . import flops
+        generation prompt; see harness.metrics.flops): fvcore counts and the analytic prefill."""
+        from harness.metrics import flops
 
         prompt, images = self.example_prompts[task]
         inputs = self._encode([prompt], [images])
@@ -286,8 +286,8 @@ class VTPLlava(lmms):
         return counts
 
     def timings(self, task: str, repeats: int = 5) -> dict:
-        """The timing pass (harness.timing) of the current method and budget on the task's first prompt."""
-        from .timing import time_cell
+        """The timing pass (harness.metrics.timing) of the current method and budget on the task's first prompt."""
+        from harness.metrics.timing import time_cell
 
         prompt, images = self.example_prompts[task]
         with self._naming_documents([images], [f"task {task}'s first prompt (timing pass)"]):

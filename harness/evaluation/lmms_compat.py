@@ -1,7 +1,7 @@
 """Every lmms-eval 0.7.3 workaround, in one place.
 
 Import this module before anything that imports ``lmms_eval``, ``datasets`` or ``transformers``
-(``harness.lmms_backend`` and ``harness.runner`` do so first). Each fix is a named function,
+(``harness.evaluation.lmms_backend`` and ``harness.evaluation.runner`` do so first). Each fix is a named function,
 documented with the lmms-eval location it works around and tested in ``tests/test_lmms_compat.py``;
 when upstream fixes one, delete its function and its test.
 
@@ -20,7 +20,7 @@ when upstream fixes one, delete its function and its test.
    back at the level we want.
 4. ``lmms.clean()`` (``api/model.py:164-174``, called at ``evaluator.py:1249`` after inference)
    deletes every ``nn.Module`` attribute of the wrapper, so a reused instance has no model on its
-   second evaluation. Handled in ``harness.lmms_backend.VTPLlava.clean`` (an override, not a patch).
+   second evaluation. Handled in ``harness.evaluation.lmms_backend.VTPLlava.clean`` (an override, not a patch).
 5. Response cache (``caching/response_cache.py``): its key covers ``f"{model}|{model_args}"`` but
    not pruning state held elsewhere, so it would serve one method's answers to another.
    ``VTPLlava.__str__`` spells out the method and budget, ``method=``/``budget=`` are

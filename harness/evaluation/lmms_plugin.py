@@ -9,7 +9,7 @@ entry point after it (one WARNING), so keep this trivially correct.
 from __future__ import annotations
 
 MODEL_ID = "vtp_llava"
-CLASS_PATH = "harness.lmms_backend.VTPLlava"
+CLASS_PATH = "harness.evaluation.lmms_backend.VTPLlava"
 
 
 def manifests():

@@ -1,9 +1,9 @@
 """`harness run`: evaluate methods x budgets x tasks in-process through lmms-eval.
 
-The model is loaded once (one :class:`harness.lmms_backend.VTPLlava`), reconfigured per
+The model is loaded once (one :class:`harness.evaluation.lmms_backend.VTPLlava`), reconfigured per
 (method, budget) cell and handed to ``lmms_eval.evaluator.simple_evaluate`` as an instance, with a
 ``TaskManager`` that indexes only our ``tasks/`` folder. The response cache is never enabled (it
-could serve one cell's answers to another, see ``harness.lmms_compat``).
+could serve one cell's answers to another, see ``harness.evaluation.lmms_compat``).
 
 Outputs, under ``--output DIR``:
 
@@ -31,15 +31,15 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .budget import BudgetError, check_budget  # noqa: E402
-from .budget import budget_label as label_budget  # noqa: E402
-from .budget import parse_budgets as parse_budget_list  # noqa: E402
-from .consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
-from .run_folder import STORE, SUMMARY, SUMMARY_COLUMNS  # noqa: E402
-from .store import Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
-from .testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
+from harness.budget import BudgetError, check_budget  # noqa: E402
+from harness.budget import budget_label as label_budget  # noqa: E402
+from harness.budget import parse_budgets as parse_budget_list  # noqa: E402
+from harness.metrics.consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
+from .store import STORE, SUMMARY, SUMMARY_COLUMNS, Store, cell_key, code_version, git_commit  # noqa: E402
+from .store import model_hash  # noqa: E402
+from harness.testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The shipped testbed model (made by `harness testbed train`).
 DEFAULT_MODEL = _testbed_model.CHECKPOINT
 DEFAULT_TASKS = ("testbed",)
@@ -331,7 +331,7 @@ def _reference_answers(records: dict) -> dict[tuple, list[int]]:
 def _task_data_version() -> str:
     """The committed testbed data's manifest hash (its version)."""
     from .store import file_hash
-    from .testbed.data import TASKS_DIR
+    from harness.testbed.data import TASKS_DIR
 
     manifests = sorted(Path(TASKS_DIR).glob("**/MANIFEST*"))
     return file_hash(manifests)[:16] if manifests else "none"
@@ -351,7 +351,7 @@ def _provenance(config: RunConfig, model_path: Path, fingerprint: dict, lm) -> d
 def _refusing_bad_features(method: str, budget: str, out_dir: Path):
     """Non-finite visual features inside a cell stop the run with one line (a RunError); the cells
     finished before it stay in the store and summary, so a rerun resumes after them."""
-    from .adapters import NonFiniteFeatures
+    from harness.adapters import NonFiniteFeatures
 
     try:
         yield
@@ -393,7 +393,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
     import methods as methods_registry
 
     from .lmms_backend import VTPLlava
-    from .testbed.data import TASKS_DIR
+    from harness.testbed.data import TASKS_DIR
 
     task_manager = lmms_compat.task_manager(TASKS_DIR)
     known = set(task_manager.all_tasks)

@@ -51,11 +51,15 @@ def model_hash(model_dir: Path) -> str:
     return file_hash(files)[:16]
 
 
+#: What `harness run` writes in its output folder (read back by harness.reports.run_folder).
+SUMMARY, STORE = "summary.csv", "results.sqlite"
+SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")  # long format, one value a row
+
 #: Code a cell's results depend on: every .py and task YAML under these folders of the repository,
 #: less the modules that only read finished runs or build things a run loads from files.
 RESULT_CODE = ("methods", "harness", "tasks")
-REPORT_ONLY = frozenset({"harness/leaderboard.py", "harness/regress.py", "harness/bench.py", "harness/cost_model.py",
-                         "harness/ipr_analysis.py", "harness/codebook/analyze.py", "harness/testbed/train.py"})
+REPORT_ONLY = ("harness/reports/", "harness/bench/", "harness/cli/", "harness/codebook/analyze.py",
+               "harness/testbed/train.py")
 
 
 def code_version(repo: Path) -> str:
@@ -68,7 +72,7 @@ def code_version(repo: Path) -> str:
     for folder in RESULT_CODE:
         for path in sorted((repo / folder).rglob("*")):
             rel = path.relative_to(repo).as_posix()
-            if path.suffix in (".py", ".yaml") and path.is_file() and rel not in REPORT_ONLY \
+            if path.suffix in (".py", ".yaml") and path.is_file() and not rel.startswith(REPORT_ONLY) \
                     and "__pycache__" not in rel:
                 digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return "code-" + digest.hexdigest()[:16]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .testbed.questions import normalize_answer
+from harness.testbed.questions import normalize_answer
 
 
 @dataclass

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .budget import ADAPTIVE, FULL
+from harness.budget import ADAPTIVE, FULL
 from . import run_folder
-from .runner import DEFAULT_BUDGETS, DEFAULT_TASKS, REPO_ROOT
+from harness.evaluation.runner import DEFAULT_BUDGETS, DEFAULT_TASKS, REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "leaderboard.yaml"
 DEFAULT_OUTPUT = "results/leaderboard"
@@ -543,7 +543,7 @@ def plot_task_heatmap(ranked: pd.DataFrame, tasks: pd.DataFrame, path: Path) -> 
 
 def _overlay(image: np.ndarray, kept: np.ndarray, evidence: list[int]) -> np.ndarray:
     """The image with its dropped patches dimmed and the outline of its evidence patches drawn."""
-    from .testbed.world import GRID, PATCH
+    from harness.testbed.world import GRID, PATCH
 
     keep = np.zeros(GRID * GRID, bool)
     keep[kept] = True
@@ -573,7 +573,7 @@ def overlay_docs(kept: dict, docs: dict, task: str, n: int) -> list[int]:
 
 def plot_kept_tokens(ranked: pd.DataFrame, kept: dict, doc: dict, task: str, doc_id: int, path: Path) -> None:
     """Rows: methods; columns: budgets; each the document's (first) image with the dropped tokens dimmed."""
-    from .testbed.world import GRID, render
+    from harness.testbed.world import GRID, render
 
     plt = _pyplot()
     scenes = json.loads(doc["scenes"]) if isinstance(doc["scenes"], str) else doc["scenes"]
@@ -770,8 +770,8 @@ def load_config(path):
     """The protocol in a leaderboard YAML file, as a `harness run` configuration (output not set)."""
     import yaml
 
-    from .cli import DEFAULT_LIMIT, _limit
-    from .runner import RunConfig
+    from harness.cli import DEFAULT_LIMIT, _limit
+    from harness.evaluation.runner import RunConfig
 
     path = Path(path)
     if not path.is_file():
@@ -809,7 +809,7 @@ def load_config(path):
 
 def run_leaderboard(config_path, output_dir, run_dir=DEFAULT_RUN_DIR, rule: str = "relative_accuracy") -> pd.DataFrame:
     """Run the protocol into `run_dir` (finished cells there are reused, not recomputed), then render."""
-    from .runner import run
+    from harness.evaluation.runner import run
 
     config = load_config(config_path)
     if rule not in RULES:
@@ -820,7 +820,7 @@ def run_leaderboard(config_path, output_dir, run_dir=DEFAULT_RUN_DIR, rule: str 
 
 
 def _leaderboard(args) -> int:
-    from .runner import RunError
+    from harness.evaluation.runner import RunError
 
     try:
         if args.runs and args.run_dir:

@@ -43,9 +43,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import run_folder
-from .consistency import mcnemar_p
+from harness.metrics.consistency import mcnemar_p
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE_DIR = REPO_ROOT / "results" / "regress_baseline"
 HISTORY_FILE = REPO_ROOT / "results" / "history.csv"
 CI_CONFIG = REPO_ROOT / "configs" / "regress_ci.yaml"
@@ -564,7 +564,7 @@ def load_ci_config(path=CI_CONFIG) -> dict:
 def run_ci_protocol(config: dict, out_dir: Path) -> None:
     """`harness run` with the CI protocol into a fresh folder: never one holding finished cells,
     which a run would reuse instead of testing the code."""
-    from .runner import RunConfig, RunError, run
+    from harness.evaluation.runner import RunConfig, RunError, run
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise Unusable(f"{out_dir} is not empty: the CI protocol runs into a fresh folder")

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SUMMARY, STORE = "summary.csv", "results.sqlite"
-SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")  # long format, one value a row
+from harness.evaluation.store import STORE, SUMMARY, SUMMARY_COLUMNS  # noqa: F401  (what a run writes)
 
 
 class RunFolderError(ValueError):
