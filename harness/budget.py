@@ -8,11 +8,13 @@ budget stops a run before its first cell.
 
 from __future__ import annotations
 
+from harness.errors import InputError
+
 FULL = "full"  # the budget label of methods that keep every token
 ADAPTIVE = "adaptive"  # ... and of methods that decide per image how many (thresholds)
 
 
-class BudgetError(ValueError):
+class BudgetError(InputError):
     """A budget that is not a number, or that no model / this model cannot take."""
 
 

@@ -7,8 +7,8 @@ import torch
 
 import methods
 from harness.bench import measure as bench
-from methods import codebook_files as files
 from harness.testbed import model as M
+from methods import codebook_files as files
 
 
 def test_bench_rows_for_every_budgeted_method(tmp_path):

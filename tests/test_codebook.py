@@ -9,9 +9,9 @@ import torch
 import methods
 from harness.codebook import build as B
 from harness.codebook import dpc
-from methods import codebook_files as files
 from harness.codebook.jsd import jsd_official, jsd_textbook, p_max
 from harness.codebook.probes import RELEASE_RANKS, probe_positions, window
+from methods import codebook_files as files
 from methods.base import VisualContext
 
 

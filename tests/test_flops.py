@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from harness.metrics import flops as FL
 from harness.adapters import prune
+from harness.metrics import flops as FL
 from harness.testbed import model as M
 from harness.testbed import questions as Q
 from harness.testbed import world as W

@@ -4,10 +4,10 @@ the bounds lmms-eval 0.7.3 needs but does not declare hold for installs outside 
 import importlib.util
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]

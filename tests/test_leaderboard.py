@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import cli
+from harness import cli, protocol
 from harness.reports import leaderboard
-from harness.evaluation import runner
 
 METHODS = ("random", "uniform", "cls_attention")  # pre-LLM: FastV's layer 2 is past the tiny model's 2 layers
 TASKS = ("testbed_exist", "testbed_color")
@@ -220,9 +219,9 @@ def test_the_shipped_config_is_the_default_protocol():
     config = leaderboard.load_config(leaderboard.DEFAULT_CONFIG)
     run_defaults = cli.build_parser().parse_args(["run"])
     assert config.model is None  # the shipped testbed model
-    assert config.tasks == ",".join(runner.DEFAULT_TASKS)
-    assert config.budgets == ",".join(map(str, runner.DEFAULT_BUDGETS))
-    assert config.limit == cli.DEFAULT_LIMIT == run_defaults.limit
+    assert config.tasks == ",".join(protocol.DEFAULT_TASKS)
+    assert config.budgets == ",".join(map(str, protocol.DEFAULT_BUDGETS))
+    assert config.limit == protocol.DEFAULT_LIMIT == run_defaults.limit
     assert config.methods == "all" and config.timing_repeats == run_defaults.timing_repeats == 5
 
 

@@ -13,11 +13,11 @@ import methods
 from harness.adapters import prune
 from harness.adapters.llava import last_token_attention
 from harness.budget import BudgetError, check_budget, parse_budget, parse_budgets, tokens_to_keep
-from methods.codebook_files import save as save_codebook
 from harness.testbed import model as M
 from harness.testbed import questions as Q
 from harness.testbed import world as W
 from methods.base import Method, VisualContext
+from methods.codebook_files import save as save_codebook
 
 # Parameters the tiny model needs (2 decoder layers: FastV's K must be 1).
 TINY_PARAMS = {"fastv": {"layer": 1}}

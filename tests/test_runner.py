@@ -80,7 +80,9 @@ def test_every_training_flag_sets_a_recipe_field():
     from harness.testbed import train as T
 
     fields = {f.name: f for f in dataclasses.fields(T.Recipe)}
-    for flag, kind, _ in cli.RECIPE_FLAGS:
+    from harness.cli.testbed import RECIPE_FLAGS
+
+    for flag, kind, _ in RECIPE_FLAGS:
         name = flag[2:].replace("-", "_")
         assert name in fields, flag
         assert kind is not bool or fields[name].default is False, flag  # a switch turns something on
@@ -263,9 +265,14 @@ def test_a_rerun_skips_finished_cells_and_an_interrupted_sweep_resumes(tiny_llav
 
 
 def test_limit_argument():
-    assert cli._limit("all") is None and cli._limit("25") == 25 and cli._limit("0.5") == 0.5
+    from harness import protocol
+    from harness.cli.run import limit
+
+    assert limit("all") is None and limit("25") == 25 and limit("0.5") == 0.5
     args = cli.build_parser().parse_args(["run"])
-    assert args.limit == cli.DEFAULT_LIMIT  # the default protocol's documents per task
+    assert args.limit == protocol.DEFAULT_LIMIT  # the default protocol's documents per task
+    assert (args.batch_size, args.timing_repeats) == (protocol.DEFAULT_BATCH_SIZE, protocol.DEFAULT_TIMING_REPEATS)
+    assert protocol.RunConfig().batch_size == args.batch_size and protocol.RunConfig().limit == args.limit
 
 
 def test_code_version_follows_the_code_results_depend_on(tmp_path):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from harness.errors import InputError
 
-class NonFiniteFeatures(ValueError):
+
+class NonFiniteFeatures(InputError):
     """A method was about to score visual features that hold NaN or inf (e.g. an fp16 overflow).
 
     Every method would silently choose from garbage (G-Prune keeps the first k tokens, DivPrune

@@ -96,6 +96,7 @@ def bench(method_names, budgets, repeats: int, output, progress=None, batch: int
     methods with a random stand-in codebook of the shipped one's size, in `output`), on `batch`
     identical rows (operations are counted for all of them, as times are measured)."""
     from harness.metrics import flops
+
     from .measure import _codebook_params, _prompt, cells
 
     model, processor = reduced_model()

@@ -85,7 +85,6 @@ def cells(model, method_names, budgets, params=None) -> list[tuple]:
     """(method, budget, pruning scope factory) for each budgeted method; every method is validated
     first, so one that cannot run on this model stops the bench before any timing."""
     import methods as registry
-
     from harness.adapters import prune
 
     params = params or {}

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from methods import codebook_files as files
+
 from .build import BuildConfig, combined_jsd, label, load_model, run_probes, testbed_images
 from .probes import ProbeConfig
 

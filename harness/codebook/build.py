@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from . import dpc
 from methods import codebook_files as files
+
+from . import dpc
 from .probes import ProbeConfig, Prober
 
 RELEASE_LLAVA15 = {"pmax_threshold": 0.15, "jsd_threshold": 2e-3, "k_local": 1, "k_global": 16,

@@ -47,9 +47,9 @@ from loguru import logger  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import methods  # noqa: E402
-
 from harness.adapters import NonFiniteFeatures, prune  # noqa: E402
 from harness.budget import budget_label, check_budget, parse_budget  # noqa: E402
+
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
 from .model_args import CheckpointError, check_pretrained  # noqa: E402,F401
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.errors import InputError
+
 LLAVA_MODEL_TYPES = ("llava",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """``pretrained`` is missing or is not a LLaVA checkpoint."""
 
 

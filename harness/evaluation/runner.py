@@ -27,44 +27,25 @@ import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from harness.budget import BudgetError, check_budget  # noqa: E402
 from harness.budget import budget_label as label_budget  # noqa: E402
 from harness.budget import parse_budgets as parse_budget_list  # noqa: E402
+from harness.errors import InputError  # noqa: E402
 from harness.metrics.consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
+from harness.protocol import DEFAULT_BUDGETS, DEFAULT_MODEL, DEFAULT_TASKS, RunConfig  # noqa: E402,F401
+
 from .store import STORE, SUMMARY, SUMMARY_COLUMNS, Store, cell_key, code_version, git_commit  # noqa: E402
 from .store import model_hash  # noqa: E402
-from harness.testbed import model as _testbed_model  # noqa: E402  (light: numpy and the world generator)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The shipped testbed model (made by `harness testbed train`).
-DEFAULT_MODEL = _testbed_model.CHECKPOINT
-DEFAULT_TASKS = ("testbed",)
 
 
-class RunError(Exception):
+class RunError(InputError):
     """A problem with the run's arguments or inputs, reported without a traceback."""
-
-
-@dataclass
-class RunConfig:
-    methods: str = "none"
-    budgets: str | None = None
-    tasks: str | None = None
-    model: str | None = None
-    model_name: str | None = None
-    limit: float | None = None
-    output: str | None = None
-    batch_size: int = 1
-    device: str = "cpu"
-    dtype: str | None = None
-    log_level: str | None = None
-    timing_repeats: int = 5  # the timing pass per cell and task; 0 skips it
-    params: dict = field(default_factory=dict)  # per method: {"lofi": {"center": True}}
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- argument resolution
@@ -129,9 +110,6 @@ def check_budgets(budgets: list, tokens_per_image: int) -> None:
             check_budget(value, tokens_per_image)
         except BudgetError as e:
             raise RunError(f"--budgets: {e}") from None
-
-
-DEFAULT_BUDGETS = (192, 128, 64)  # visual tokens kept per image: the literature's grid for 576
 
 
 def cells(method_names: list[str], budgets: list) -> list[tuple[str, object]]:
@@ -330,8 +308,9 @@ def _reference_answers(records: dict) -> dict[tuple, list[int]]:
 
 def _task_data_version() -> str:
     """The committed testbed data's manifest hash (its version)."""
-    from .store import file_hash
     from harness.testbed.data import TASKS_DIR
+
+    from .store import file_hash
 
     manifests = sorted(Path(TASKS_DIR).glob("**/MANIFEST*"))
     return file_hash(manifests)[:16] if manifests else "none"
@@ -391,9 +370,9 @@ def run(config: RunConfig, out=None) -> list[dict]:
     from lmms_eval.evaluator import simple_evaluate
 
     import methods as methods_registry
+    from harness.testbed.data import TASKS_DIR
 
     from .lmms_backend import VTPLlava
-    from harness.testbed.data import TASKS_DIR
 
     task_manager = lmms_compat.task_manager(TASKS_DIR)
     known = set(task_manager.all_tasks)

@@ -36,8 +36,10 @@ import numpy as np
 import pandas as pd
 
 from harness.budget import ADAPTIVE, FULL
+from harness.errors import InputError
+from harness.evaluation.runner import REPO_ROOT
+
 from . import run_folder
-from harness.evaluation.runner import DEFAULT_BUDGETS, DEFAULT_TASKS, REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "leaderboard.yaml"
 DEFAULT_OUTPUT = "results/leaderboard"
@@ -60,7 +62,7 @@ METRICS = {
 }
 
 
-class LeaderboardError(Exception):
+class LeaderboardError(InputError):
     """Bad input (a run folder, a config file), reported in one line without a traceback."""
 
 
@@ -753,58 +755,14 @@ def write_plots(ranked, tasks, kept, docs, runs, out: Path, overlay_task: str, o
     return written
 
 
-PROTOCOL_KEYS = ("model", "model_name", "tasks", "budgets", "limit", "seed", "methods", "timing_repeats",
-                 "batch_size", "device", "dtype")
-
-
-def _listing(value, key: str, path: Path) -> str:
-    """A YAML list or a comma string, as `harness run` takes it."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, (str, int, float)) and str(value).strip():
-        return str(value)
-    raise LeaderboardError(f"{path}: {key} must be a list or a comma-separated string, got {value!r}")
-
-
 def load_config(path):
     """The protocol in a leaderboard YAML file, as a `harness run` configuration (output not set)."""
-    import yaml
+    from harness import protocol
 
-    from harness.cli import DEFAULT_LIMIT, _limit
-    from harness.evaluation.runner import RunConfig
-
-    path = Path(path)
-    if not path.is_file():
-        raise LeaderboardError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise LeaderboardError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise LeaderboardError(f"{path}: expected a mapping of {', '.join(PROTOCOL_KEYS)}")
-    unknown = [k for k in data if k not in PROTOCOL_KEYS]
-    if unknown:
-        raise LeaderboardError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                               f"accepted: {', '.join(PROTOCOL_KEYS)}")
-    if data.get("seed", 0) != 0:
-        raise LeaderboardError(f"{path}: seed must be 0: `harness run` has fixed seeds (the random method's "
-                               f"seed=0 and lmms-eval's defaults) and no option to change them yet")
-    try:
-        limit = _limit(str(data.get("limit", DEFAULT_LIMIT)))
-    except argparse.ArgumentTypeError as e:
-        raise LeaderboardError(f"{path}: limit: {e}") from None
-    ints = {}
-    for key, default, least in (("timing_repeats", 5, 0), ("batch_size", 8, 1)):
-        value = data.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise LeaderboardError(f"{path}: {key} must be an integer of at least {least}, got {value!r}")
-        ints[key] = value
-    model = data.get("model", "testbed")
-    return RunConfig(methods=_listing(data.get("methods", "all"), "methods", path),
-                     budgets=_listing(data.get("budgets", list(DEFAULT_BUDGETS)), "budgets", path),
-                     tasks=_listing(data.get("tasks", list(DEFAULT_TASKS)), "tasks", path),
-                     model=None if model in (None, "testbed") else str(model), model_name=data.get("model_name"),
-                     limit=limit, device=str(data.get("device", "cpu")), dtype=data.get("dtype"), **ints)
+        return protocol.load(path)[0]
+    except protocol.ProtocolError as e:
+        raise LeaderboardError(str(e)) from None
 
 
 def run_leaderboard(config_path, output_dir, run_dir=DEFAULT_RUN_DIR, rule: str = "relative_accuracy") -> pd.DataFrame:

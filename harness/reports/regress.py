@@ -42,8 +42,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import run_folder
+from harness.errors import InputError
 from harness.metrics.consistency import mcnemar_p
+
+from . import run_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE_DIR = REPO_ROOT / "results" / "regress_baseline"
@@ -61,7 +63,7 @@ REFERENCE = ("none", "full")  # the unpruned cell every run holds
 OK, IMPROVED, WARNING, REGRESSION, NA = "ok", "improved", "warning", "REGRESSION", "n/a"
 
 
-class Unusable(Exception):
+class Unusable(InputError):
     """Input that cannot be compared: exit code 2, with this message."""
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import InputError
 from harness.evaluation.store import STORE, SUMMARY, SUMMARY_COLUMNS  # noqa: F401  (what a run writes)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InputError):
     """A folder, summary or store that is not what a finished `harness run` leaves."""
 
 
