@@ -11,7 +11,7 @@ import torch
 
 import methods
 from harness.adapters import prune
-from harness.adapters.llava import last_token_attention
+from harness.adapters.attention import last_token_attention
 from harness.budget import BudgetError, check_budget, parse_budget, parse_budgets, tokens_to_keep
 from harness.testbed import model as M
 from harness.testbed import questions as Q
@@ -295,7 +295,7 @@ def test_bad_inputs_are_clear_errors(tiny):
 
 
 def test_ipr_of_known_spectra():
-    from harness.adapters.llava import ipr
+    from harness.metrics.ipr import ipr
 
     assert ipr(torch.ones(5, 3)) == pytest.approx(1.0)  # rank one
     assert ipr(torch.eye(4)) == pytest.approx(0.25)  # flat spectrum of rank 4

@@ -35,7 +35,10 @@ import torch
 import methods
 from methods.base import Method, Selection, VisualContext
 
-from ..budget import check_budget, tokens_to_keep
+from harness.budget import check_budget, tokens_to_keep
+from harness.metrics.ipr import ipr
+
+from .attention import cls_attention, last_token_attention
 from .checks import check_finite
 
 
@@ -150,14 +153,7 @@ class PruningRun:
 
     def _vision_attention_parts(self, image: int):
         """[CLS]->patch attention (heads summed) and keys (heads averaged) of the feature layer."""
-        layer = self._feature_layer()
-        attn = layer.self_attn
-        h = layer.layer_norm1(self._vision_in[image])  # (1 + N, Dv)
-        heads = attn.num_heads
-        q = attn.q_proj(h[:1]).view(1, heads, -1).transpose(0, 1)  # (H, 1, d)
-        k = attn.k_proj(h).view(h.shape[0], heads, -1).transpose(0, 1)  # (H, 1 + N, d)
-        probs = torch.softmax((q @ k.transpose(1, 2)).float() * attn.scale, dim=-1)[:, 0, 1:]  # (H, N)
-        return probs.sum(0), k[:, 1:].mean(0)
+        return cls_attention(self._feature_layer(), self._vision_in[image])
 
     def _on_projector_output(self, module, args, output):
         if not self._images_pending or self.method.stage != "pre_llm":
@@ -343,46 +339,6 @@ class PruningRun:
                                   layer_idx=self.layer)
         return {"attention_mask": mask, "position_ids": position_ids,
                 "position_embeddings": lm.rotary_emb(hidden, position_ids)}
-
-
-def ipr(tokens: torch.Tensor) -> float:
-    """Inverse participation ratio of the singular-value spectrum of (n, D) token representations:
-    p_j = s_j^2 / sum s^2, IPR = sum p_j^2 (1/r for a flat spectrum of rank r, 1 for rank one).
-    Uncentred, as METHODS.md section 3 defines it (the choice is recorded there)."""
-    s = torch.linalg.svdvals(tokens.detach().float())
-    p = s.pow(2) / s.pow(2).sum().clamp(min=1e-30)
-    return float(p.pow(2).sum())
-
-
-def last_token_attention(layer, hidden, position_embeddings, mask2d, positions=None) -> torch.Tensor:
-    """(B, T): the attention probabilities of one query per row (`positions`, default the last
-    column) in `layer`, averaged over heads.
-
-    Computed from the layer's own queries and keys (RMSNorm, projections, RoPE, grouped-query heads)
-    for that single query row, so every layer keeps running under SDPA/flash attention and no
-    T x T matrix is formed. Padding columns (mask 0) get no attention, as in the layer itself.
-    """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attn = layer.self_attn
-    h = layer.input_layernorm(hidden)
-    batch, length, _ = h.shape
-    rows = torch.arange(batch, device=h.device)
-    if positions is None:
-        positions = torch.full((batch,), length - 1, device=h.device)
-    q = attn.q_proj(h[rows, positions][:, None]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
-    k = attn.k_proj(h).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, KV, T, D)
-    cos, sin = position_embeddings
-    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-    q, _ = apply_rotary_pos_emb(q, q, cos[rows, positions][:, None], sin[rows, positions][:, None])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # (B, H, T, D)
-    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, T)
-    allowed = torch.arange(length, device=h.device)[None, :] <= positions[:, None]  # causal
-    if mask2d is not None:
-        allowed = allowed & mask2d.bool()
-    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)[:, :, 0].mean(1)
 
 
 @contextlib.contextmanager

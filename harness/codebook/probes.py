@@ -102,7 +102,7 @@ class Prober:
     def first_token_logits(self, visual: torch.Tensor, attention: bool = False):
         """(B, n, D) visual inputs -> (B, V) first-token logits (and, if asked, (B, n) the last prompt
         token's head-mean attention to each visual token at `attention_layer`)."""
-        from ..adapters.llava import last_token_attention
+        from harness.adapters.attention import last_token_attention
 
         b = visual.shape[0]
         embeds = torch.cat([self.before.expand(b, -1, -1), visual.to(self.before.dtype),

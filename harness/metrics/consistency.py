@@ -27,7 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.testbed.questions import normalize_answer
+
+def normalize_answer(text) -> str:
+    """How an answer is compared with the truth or another answer: case-insensitive, surrounding
+    whitespace and trailing periods removed (the testbed's task scoring and training use it too)."""
+    text = "" if text is None else str(text)
+    return text.strip().rstrip(".").strip().lower()
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.metrics.consistency import normalize_answer  # noqa: F401  (the task scoring's too)
+
 from . import world as W
 
 FAMILIES = ("exist", "count", "color", "color_mc", "spatial", "text", "multi_image", "video")
@@ -17,13 +19,6 @@ SINGLE_IMAGE_FAMILIES = ("exist", "count", "color", "color_mc", "spatial", "text
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 VIDEO_FRAMES = 8
 COUNT_RANGE = (1, 4)
-
-
-def normalize_answer(text) -> str:
-    """How an answer is compared with the truth: case-insensitive, surrounding whitespace and
-    trailing periods removed (used by the task scoring and the training-time validation alike)."""
-    text = "" if text is None else str(text)
-    return text.strip().rstrip(".").strip().lower()
 
 
 # The question templates, shared by the evaluation families and the training conversations.
