@@ -374,18 +374,18 @@ class VTPLlava(lmms):
         return {"request_type": request_type, "method": repr(self.method), "budget": self.budget}
 
     def _evidence_recall(self, req, kept: list[list[int]]) -> float | None:
-        """Share of the doc's evidence patches (testbed docs carry them: image i's patch p is
-        i * 576 + p) that the method kept; None for docs without evidence."""
+        """Share of the doc's evidence that the method kept, for tasks that say where it is: their
+        metadata's `doc_to_evidence(doc)` gives (image, visual token) pairs (the testbed's tasks do);
+        None for other tasks and for docs without evidence."""
+        evidence_of = (req.metadata or {}).get("doc_to_evidence")
+        if not callable(evidence_of):
+            return None
         _, _, _, doc_id, task, split = req.args[:6]
-        doc = self.task_dict[task][split][doc_id]
-        evidence = doc.get("evidence") if isinstance(doc, dict) else None
-        if isinstance(evidence, str):
-            evidence = json.loads(evidence)
+        evidence = evidence_of(self.task_dict[task][split][doc_id])
         if not evidence:
             return None
-        per_image = self._model.config.image_seq_length
-        kept_all = {i * per_image + k for i, image in enumerate(kept) for k in image}
-        return sum(int(e) in kept_all for e in evidence) / len(evidence)
+        kept_pairs = {(i, k) for i, image in enumerate(kept) for k in image}
+        return sum((int(i), int(p)) in kept_pairs for i, p in evidence) / len(evidence)
 
     # ------------------------------------------------------------------ generation
 

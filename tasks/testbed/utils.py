@@ -18,7 +18,7 @@ except ImportError:  # lmms-eval run without the repo on sys.path: tasks/testbed
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from harness.testbed import data as _data
 from harness.testbed.questions import normalize_answer
-from harness.testbed.world import render_pil
+from harness.testbed.world import GRID, render_pil
 
 _data.verify_cached(Path(__file__).resolve().parent / "data")
 
@@ -32,6 +32,16 @@ def scenes(doc) -> list:
 def doc_to_visual(doc) -> list:
     """Render the scenes to 336x336 RGB PIL images (a video is the list of its frames)."""
     return [render_pil(scene).convert("RGB") for scene in scenes(doc)]
+
+
+def doc_to_evidence(doc) -> list[tuple[int, int]]:
+    """(image, visual token) pairs that hold the answer's evidence: the data stores image i's patch p
+    of the 24 x 24 grid as i * 576 + p (harness.testbed.questions)."""
+    evidence = doc.get("evidence") or []
+    if isinstance(evidence, str):
+        evidence = json.loads(evidence)
+    per_image = GRID * GRID
+    return [(int(e) // per_image, int(e) % per_image) for e in evidence]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None) -> str:
