@@ -42,6 +42,12 @@ def check_budget(budget, tokens_per_image: int | None = None):
     return budget
 
 
+def for_method(method, budget):
+    """The budget `method` runs at: None for methods that take none (`none`, the adaptive codebook),
+    so their cell is one cell whatever the budgets say; else `budget`, checked."""
+    return check_budget(budget) if getattr(method, "uses_budget", True) else None
+
+
 def parse_budget(budget):
     """None (keep everything: empty, ``none`` or ``full``) or a checked number: an int (tokens to keep)
     or a float (fraction to keep). Text as a user types it, or a number."""

@@ -35,7 +35,7 @@ import torch
 import methods
 from methods.base import Method, Selection, VisualContext
 
-from harness.budget import check_budget, tokens_to_keep
+from harness.budget import check_budget, for_method, tokens_to_keep
 from harness.metrics.ipr import ipr
 
 from .attention import cls_attention, last_token_attention
@@ -72,9 +72,7 @@ class PruningRun:
             method = methods.get(method, **params)
         self.model = model
         self.method = method
-        self.budget = check_budget(budget, getattr(model.config, "image_seq_length", None))
-        if not method.uses_budget:
-            self.budget = None  # `none` keeps everything whatever the budget
+        self.budget = for_method(method, check_budget(budget, getattr(model.config, "image_seq_length", None)))
         self.layer = getattr(method, "layer", None)  # K, for in-LLM methods
         method.validate(model.config)  # e.g. FastV's K inside the decoder, a codebook's width
         self.images: list[ImageRecord] = []

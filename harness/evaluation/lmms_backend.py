@@ -48,7 +48,7 @@ from tqdm import tqdm  # noqa: E402
 
 import methods  # noqa: E402
 from harness.adapters import NonFiniteFeatures, prune  # noqa: E402
-from harness.budget import budget_label, check_budget, parse_budget  # noqa: E402
+from harness.budget import budget_label, check_budget, for_method, parse_budget  # noqa: E402
 
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
 from .model_args import CheckpointError, check_pretrained  # noqa: E402,F401
@@ -168,10 +168,7 @@ class VTPLlava(lmms):
         one cell whatever ``--budgets`` says.
         """
         self.method = methods.get(method, **self.method_params) if isinstance(method, str) else method
-        budget = check_budget(parse_budget(budget), self.tokens_per_image)
-        if budget is not None and not getattr(self.method, "uses_budget", True):
-            budget = None
-        self.budget = budget
+        self.budget = for_method(self.method, check_budget(parse_budget(budget), self.tokens_per_image))
 
     @property
     def tokens_per_image(self) -> int:

@@ -31,7 +31,7 @@ from dataclasses import asdict  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from harness.budget import BudgetError, check_budget  # noqa: E402
+from harness.budget import BudgetError, check_budget, for_method  # noqa: E402
 from harness.budget import budget_label as label_budget  # noqa: E402
 from harness.budget import parse_budgets as parse_budget_list  # noqa: E402
 from harness.errors import InputError  # noqa: E402
@@ -119,11 +119,8 @@ def cells(method_names: list[str], budgets: list) -> list[tuple[str, object]]:
 
     out = []
     for name in method_names:
-        cls = type(methods.get(name))
-        if not getattr(cls, "uses_budget", True):
-            out.append((name, None))
-        else:
-            out += [(name, b) for b in (budgets or DEFAULT_BUDGETS)]
+        method = methods.get(name)
+        out += list(dict.fromkeys((name, for_method(method, b)) for b in (budgets or DEFAULT_BUDGETS)))
     return out
 
 
