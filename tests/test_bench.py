@@ -62,7 +62,7 @@ def test_cost_model_extrapolates_from_measured_layers(monkeypatch, tmp_path):
     rows = cost_model.bench(["none", "random", "fastv"], (64,), repeats=1, output=tmp_path)
     assert [r["method"] for r in rows] == ["random", "fastv"]
     model, processor = cost_model.reduced_model()
-    inputs = bench._prompt(processor)
+    inputs = bench.prompt(processor)
     n = inputs["input_ids"].shape[1]
     cfg = model.config.text_config.__class__(**{**model.config.text_config.to_dict(), "num_hidden_layers": 7})
     vision = flops.count_forward(model, inputs, decode=False)["flops_vision"] + \

@@ -40,7 +40,7 @@ def reduced_model():
     """LLaVA-1.5-7B's widths with VISION_LAYERS ViT and TEXT_LAYERS decoder layers, random weights."""
     import dataclasses
 
-    from .measure import random_llava
+    from .models import random_llava
 
     return random_llava(dataclasses.replace(LLAVA_15_7B, vision_layers=VISION_LAYERS, text_layers=TEXT_LAYERS),
                         VOCAB)
@@ -97,11 +97,11 @@ def bench(method_names, budgets, repeats: int, output, progress=None, batch: int
     identical rows (operations are counted for all of them, as times are measured)."""
     from harness.metrics import flops
 
-    from .measure import _codebook_params, _prompt, cells
+    from .models import cells, codebook_params, prompt
 
     model, processor = reduced_model()
-    inputs = _prompt(processor, batch)
-    grid = cells(model, method_names, budgets, _codebook_params(model, method_names, output))
+    inputs = prompt(processor, batch)
+    grid = cells(model, method_names, budgets, codebook_params(model, method_names, output))
     text_config = model.config.text_config
     full = LLAVA_15_7B
     n_image = model.config.image_seq_length
