@@ -11,6 +11,34 @@ it never touches a model's forward (that is the adapters' job, in ``harness/``).
      'lofi']
     >>> methods.get("none")
     NoPruning()
+
+Adding a method
+---------------
+One file, ``methods/<name>.py``, imported at the bottom of this one (that order is ``names()``'s),
+holding one ``@register("<name>")`` ``@dataclass`` subclass of ``base.Method``:
+
+- Fields: its hyper-parameters, defaulting to the source's values; ``__post_init__`` calls
+  ``super().__post_init__()`` and rejects bad values with a clear ValueError (``base.check_range``,
+  ``base.check_choice``). The class docstring says what it keeps, each field's default and why, the
+  source (arXiv id; code repository and commit) and the position policy.
+- Usually only ``score(ctx)``: (N,) scores, higher = keep; the default ``select`` keeps
+  ``base.top_k`` of them. Write ``select(ctx, k) -> Selection`` only to choose otherwise (greedy,
+  merged features, a threshold).
+- ``ctx`` (``base.VisualContext``), one image: ``features`` (N, D; pre-LLM the projector outputs,
+  in-LLM the hidden states entering layer K-1), ``grid``, ``generator(seed)`` for draws seeded per
+  image; where the adapter can give them, the ViT's ``vision_features``, the model's projector
+  ``project``, the lazy ``cls_attention()`` and ``vision_keys()``, and in-LLM the last token's
+  ``attention_row``. Raise a ValueError naming what is missing when one it needs is None.
+- Class attributes: ``stage`` (``"pre_llm"``, or ``"in_llm"`` with a ``layer`` field K: pruned
+  before decoder layer K), ``uses_budget`` (False: run once, whatever the budgets), ``adaptive``
+  (True: it decides how many to keep per image). The ``position_policy`` field (``"renumber"`` or
+  ``"original"`` position ids) defaults to what the source does.
+- Tests: an entry in ``tests/default_methods.py`` (the parameters the tests' tiny 2-layer model
+  needs; ``{}`` when the defaults do); a registered method without one fails. ``tests/test_methods.py``
+  runs every entry through the adapter's contracts: a budget of every token gives the unpruned
+  outputs, the model is unchanged after the block, pruning shortens the forward, a padded batch
+  equals single runs, kept indices are sorted, distinct (for score-only methods, exactly the top
+  scores), and budget 0 keeps none.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 A method is a `@dataclass` subclass of `Method`: its fields are its hyper-parameters, validated in
 `__post_init__`, and its `repr` is its provenance. Most methods only write `score`: higher means
-keep, and the default `select` keeps the top-k scores, sorted so spatial order is preserved. A
-method never touches a model: the adapter (`harness/adapters/`) fills the context and removes the
-tokens.
+keep, and the default `select` keeps the top-k scores (`top_k`), sorted so spatial order is
+preserved. A method never touches a model: the adapter (`harness/adapters/`) fills the context and
+removes the tokens.
 """
 
 from __future__ import annotations
@@ -89,10 +89,18 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} defines neither score() nor select()")
 
     def select(self, ctx: VisualContext, k: int) -> Selection:
-        """Keep the k highest scores; ties go to the lower index (stable), then sort ascending."""
-        scores = self.score(ctx).float()
-        order = torch.sort(scores, descending=True, stable=True).indices
-        return Selection(order[:k].sort().values)
+        """Keep the k highest scores (`top_k`)."""
+        return Selection(top_k(self.score(ctx).float(), k))
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest of the (N,) `scores`, sorted ascending (spatial order).
+
+    Ties go to the lower index (a stable sort; `torch.topk` does not promise which tied index it
+    returns), so a selection is reproducible across devices and batches. No dtype cast here: a
+    caller's float64 scores stay float64, where a cast could create ties."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k].sort().values
 
 
 def check_choice(name: str, value, choices) -> None:

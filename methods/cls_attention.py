@@ -20,12 +20,25 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from .base import Method, Selection, VisualContext, check_range
+from .base import Method, Selection, VisualContext, check_range, top_k
 
 
 @register("cls_attention")
 @dataclass
 class ClsAttention(Method):
+    """Keeps k tokens, VisionZip-style: the dominant ones with the highest [CLS]->patch attention
+    (ViT feature layer, summed over heads), and contextual targets spread evenly through the rest,
+    each replaced by the projected mean of the tokens merged into it (most similar key). Pre-LLM,
+    text-agnostic.
+
+    Parameters:
+        contextual_share (10/64): the contextual part of the budget, rounded: VisionZip's default
+            54 dominant + 10 contextual = 64, kept as a ratio for other budgets.
+    Source: VisionZip, arXiv 2412.04467; github.com/dvlab-research/VisionZip.
+    Positions: `renumber` (the harness's default for tokens removed before the LLM); kept tokens
+    in raster order, a merged one at its target's place.
+    """
+
     contextual_share: float = 10 / 64
 
     def __post_init__(self):
@@ -40,11 +53,13 @@ class ClsAttention(Method):
     def select(self, ctx: VisualContext, k: int) -> Selection:
         contextual = min(round(k * self.contextual_share), k - 1) if k > 1 else 0
         dominant = k - contextual
-        order = torch.sort(self.score(ctx).float(), descending=True, stable=True).indices
-        dom = order[:dominant]
-        rest = order[dominant:].sort().values
+        scores = self.score(ctx).float()
+        dom = top_k(scores, dominant)
+        is_rest = torch.ones_like(scores, dtype=torch.bool)
+        is_rest[dom] = False
+        rest = is_rest.nonzero().flatten()  # ascending
         if contextual == 0 or len(rest) == 0:
-            return Selection(dom.sort().values)
+            return Selection(dom)
         if ctx.vision_features is None or ctx.project is None or ctx.vision_keys is None:
             raise ValueError("cls_attention's contextual tokens need the ViT features, keys and projector")
         step = len(rest) / contextual

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from . import codebook_files as files
-
 from . import register
 from .base import Method, Selection, VisualContext, check_range
 
@@ -39,7 +38,14 @@ def prototypes(path: str) -> torch.Tensor:
 
 @dataclass
 class _CodebookBase(Method):
-    path: str = "harness/testbed/codebook/codebook.pt"
+    """What `codebook` and `codebook_fixed` share: a token's redundancy s_l against a codebook.
+
+    Parameters:
+        path (the testbed's codebook, built by `harness codebook build`): a codebook file, ours or
+            a released .pt; it must be in this model's projector space (`validate` checks its width).
+    """
+
+    path: str = files.TESTBED_CODEBOOK
 
     def validate(self, model_config) -> None:
         files.check_hidden(prototypes(self.path), model_config.text_config.hidden_size, self.path)
@@ -58,6 +64,19 @@ class _CodebookBase(Method):
 @register("codebook")
 @dataclass
 class Codebook(_CodebookBase):
+    """Keeps every token whose redundancy s_l is below tau (the release's default mode): how many
+    is decided per image (`adaptive`; no budget), and at least the least redundant one, so an image
+    never vanishes. Pre-LLM, text-agnostic.
+
+    Parameters:
+        path: the codebook (`_CodebookBase`).
+        tau (None): None takes the tau recorded with the codebook's build, else the LLaVA-1.5
+            release's 0.45 (a threshold belongs to its model: LLaVA-NeXT-8B's is 0.11).
+    Source: "Beyond Intermediate States", Yang et al., arXiv 2503.20540;
+        github.com/DingchenYang99/RedundancyCodebook (2a24172). METHODS.md §1.4.
+    Positions: `renumber` (as the release: tokens removed before the LLM, renumbered contiguously).
+    """
+
     tau: Optional[float] = None
 
     uses_budget: ClassVar[bool] = False
@@ -84,4 +103,10 @@ class Codebook(_CodebookBase):
 @register("codebook_fixed")
 @dataclass
 class CodebookFixed(_CodebookBase):
-    """The k least redundant tokens (the default top-k of -s_l), sorted."""
+    """Keeps the k least redundant tokens (the default top-k of -s_l), sorted: the release's
+    `fix_num` mode, under the harness's budget. Pre-LLM, text-agnostic.
+
+    Parameters: path, the codebook (`_CodebookBase`).
+    Source: as `codebook` (arXiv 2503.20540; github.com/DingchenYang99/RedundancyCodebook, 2a24172).
+    Positions: `renumber`, as `codebook`.
+    """

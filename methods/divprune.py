@@ -46,5 +46,13 @@ def greedy_max_min(features: torch.Tensor, k: int) -> torch.Tensor:
 @register("divprune")
 @dataclass
 class DivPrune(Method):
+    """Keeps a maximally diverse k tokens: greedy max-min over D = 1 - cosine of the projector
+    outputs (`greedy_max_min`), sorted. Pre-LLM, text-agnostic.
+
+    Parameters: none besides the budget.
+    Source: DivPrune, arXiv 2503.02175; github.com/vbdi/divprune.
+    Positions: `renumber` (the harness's default for tokens removed before the LLM).
+    """
+
     def select(self, ctx: VisualContext, k: int) -> Selection:
         return Selection(greedy_max_min(ctx.features, k).sort().values)

@@ -21,6 +21,16 @@ from .base import Method, VisualContext, check_range
 @register("fastv")
 @dataclass
 class FastV(Method):
+    """Keeps, from decoder layer K on, the k image tokens the last token attends to most at layer
+    K-1 (head-averaged); layers 0..K-1 see every token. In-LLM.
+
+    Parameters:
+        layer (2): K, FastV's default; `validate` requires 1..(decoder layers - 1).
+    The budget is tokens kept per image: FastV's R = 0.5 is budget 0.5.
+    Source: FastV, arXiv 2403.06764; github.com/pkunlp-icler/FastV.
+    Positions: `original` (FastV keeps the kept tokens' original position ids).
+    """
+
     position_policy: str = "original"
     layer: int = 2
 

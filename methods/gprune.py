@@ -63,6 +63,21 @@ def propagate(features: torch.Tensor, threshold: float = 0.5, temperature: float
 @register("gprune")
 @dataclass
 class GPrune(Method):
+    """Keeps the k tokens that collect the most information after `hops` steps of propagation on
+    the cosine-similarity graph of the projector outputs (`propagate`), sorted. Pre-LLM,
+    text-agnostic.
+
+    Parameters (the release's values):
+        threshold (0.5): the cosine from which two tokens share an edge; in (0, 1), where the
+            release's edge rule and cos >= threshold agree.
+        temperature (0.03): an edge's logit is cos / temperature before the row softmax; > 0.
+        hops (5): propagation steps.
+    A fractional budget is G-Prune's `keep_ratio` (0.5 in the release).
+    Source: G-Prune, Jiang et al., AAAI 2025, arXiv 2501.02268; github.com/jytmelon/G-Prune at
+        762c637, `LLaVA-NeXT/llava/model/llava_arch.py`. METHODS.md §2.
+    Positions: `original` (as the official code keeps them).
+    """
+
     position_policy: str = "original"
     threshold: float = 0.5
     temperature: float = 0.03

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from .base import Method, Selection, VisualContext, check_range
+from .base import Method, Selection, VisualContext, check_range, top_k
 
 RANK_RULES = ("energy", "budget")
 
@@ -63,6 +63,21 @@ def leverage_scores(H: torch.Tensor, rank: str | int = "energy", energy: float =
 @register("lofi")
 @dataclass
 class LoFi(Method):
+    """Keeps the m tokens with the highest rank-k SVD leverage scores of the projector outputs
+    (`leverage_scores`), sorted; each image's k is recorded as `extra["lofi_rank"]`. Pre-LLM,
+    text-agnostic.
+
+    Parameters (open choices: the paper body was not reachable):
+        rank ("energy"): "energy", the smallest k whose sigma^2 share reaches `energy` (the standard
+            rule); an integer k; or "budget", k = m. Never above H's numerical rank.
+        energy (0.9): the sigma^2 share the energy rule must reach, in (0, 1].
+        center (False): H as the LLM receives it; True subtracts the token mean first.
+    Source: LoFi, Sun et al., "Silent Hazards of Token Reduction in Vision-Language Models",
+        arXiv 2503.06794; no public code. METHODS.md §3.
+    Positions: `renumber` (the harness's default for tokens removed before the LLM; the paper's is
+    unknown).
+    """
+
     rank: str | int = "energy"
     energy: float = 0.9
     center: bool = False
@@ -85,5 +100,4 @@ class LoFi(Method):
         # Not score(): with rank="budget" the score depends on the budget.
         scores, rank = leverage_scores(ctx.features, k if self.rank == "budget" else self.rank, self.energy,
                                        self.center)
-        order = torch.sort(scores, descending=True, stable=True).indices  # ties: the lower index, as Method.select
-        return Selection(order[:k].sort().values, extra={"lofi_rank": rank})
+        return Selection(top_k(scores, k), extra={"lofi_rank": rank})

@@ -13,7 +13,12 @@ from .base import Method, Selection, VisualContext
 @register("none")
 @dataclass
 class NoPruning(Method):
-    """Keep every visual token. The reference every other method is compared with."""
+    """Keeps every visual token: the reference every other method is compared with.
+
+    Parameters: none. `uses_budget` is False: the runner runs it once, whatever the budgets.
+    Source: none (the unpruned model).
+    Positions: `renumber`, left out of the repr: nothing is removed, so no position changes.
+    """
 
     position_policy: str = field(default="renumber", repr=False)  # nothing moves
 

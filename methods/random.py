@@ -15,6 +15,15 @@ from .base import Method, VisualContext, check_range
 @register("random")
 @dataclass
 class RandomPruning(Method):
+    """Keeps k tokens drawn uniformly at random, per image. Pre-LLM, text- and content-agnostic.
+
+    Parameters:
+        seed (0): mixed with a hash of the image's pixels (`VisualContext.generator`), so a sample
+            keeps the same tokens whatever batch it is in; another seed, another draw.
+    Source: the sanity floor of METHODS.md §5 (no one paper; a strong baseline in recent benchmarks).
+    Positions: `renumber` (the harness's default for tokens removed before the LLM).
+    """
+
     seed: int = 0
 
     def __post_init__(self):

@@ -33,6 +33,14 @@ def lattice(h: int, w: int, k: int) -> torch.Tensor:
 @register("uniform")
 @dataclass
 class UniformPruning(Method):
+    """Keeps k tokens on an even spatial lattice over the h x w grid (`lattice`). Pre-LLM, text- and
+    content-agnostic.
+
+    Parameters: none besides the budget.
+    Source: the spatial sanity floor of METHODS.md §5 (a stride to the same budget; no one paper).
+    Positions: `renumber` (the harness's default for tokens removed before the LLM).
+    """
+
     def select(self, ctx: VisualContext, k: int) -> Selection:
         h, w = ctx.grid
         return Selection(lattice(h, w, k))

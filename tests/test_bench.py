@@ -10,6 +10,8 @@ from harness.bench import measure as bench
 from harness.testbed import model as M
 from methods import codebook_files as files
 
+from default_methods import default_params
+
 
 def test_bench_rows_for_every_budgeted_method(tmp_path):
     torch.manual_seed(0)
@@ -18,8 +20,7 @@ def test_bench_rows_for_every_budgeted_method(tmp_path):
     path = tmp_path / "cb.pt"
     files.save(path, torch.randn(10, model.config.text_config.hidden_size), ["s"] * 10, {})
     rows = bench.bench_model("tiny", model, processor, names, budgets=(64,), repeats=1,
-                             params={"fastv": {"layer": 1}, "codebook_fixed": {"path": str(path)},
-                                     "codebook": {"path": str(path)}})
+                             params={n: default_params(n, path) for n in names})
     assert [r["method"] for r in rows] == [n for n in names if methods.get(n).uses_budget]
     for row in rows:
         assert row["speedup_predicted"] > 1  # 64 of 576 tokens: fewer operations, whatever the timer says
@@ -87,7 +88,7 @@ def test_bench_batches_identical_rows():
     torch.manual_seed(0)
     model, processor = M.build_model(M.TINY)
     one, two = (bench.bench_model("tiny", model, processor, ["random", "fastv"], budgets=(64,), repeats=1,
-                                  params={"fastv": {"layer": 1}}, batch=b) for b in (1, 2))
+                                  params={"fastv": default_params("fastv")}, batch=b) for b in (1, 2))
     assert [r["batch"] for r in one + two] == [1, 1, 2, 2]
     for a, b in zip(one, two):
         assert b["speedup_predicted"] == pytest.approx(a["speedup_predicted"], rel=1e-9)

@@ -1,10 +1,9 @@
-"""Every registered method against the contracts of the LLaVA adapter (new methods join automatically).
+"""Every registered method against the contracts of the LLaVA adapter, with its parameters from
+`default_methods.DEFAULT_METHODS` (a registered method missing there fails).
 
 Runs on a tiny randomly initialised `LlavaForConditionalGeneration` of the testbed's shape (576
 visual tokens per image), through the public `prune(...)` context manager around `generate`.
 """
-
-import dataclasses
 
 import pytest
 import torch
@@ -16,29 +15,34 @@ from harness.budget import BudgetError, check_budget, parse_budget, parse_budget
 from harness.testbed import model as M
 from harness.testbed import questions as Q
 from harness.testbed import world as W
-from methods.base import Method, VisualContext
+from methods.base import Method, VisualContext, top_k
 from methods.codebook_files import save as save_codebook
 
-# Parameters the tiny model needs (2 decoder layers: FastV's K must be 1).
-TINY_PARAMS = {"fastv": {"layer": 1}}
+from default_methods import DEFAULT_METHODS, default_params
+
 N = W.GRID * W.GRID
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny():
     torch.manual_seed(0)
     model, processor = M.build_model(M.TINY)
     model.eval()
-    # Codebook methods need a codebook in this model's projector space: 20 of its own tokens.
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def tiny_codebook(tiny, tmp_path_factory):
+    """The codebook methods' codebook, in the tiny model's projector space: 20 of its own tokens, perturbed."""
+    model, processor = tiny
+    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("codebook") / "codebook.pt"
     with torch.no_grad():
         tokens = model.model.get_image_features(pixel_values=_inputs(processor, SAMPLES[:1])["pixel_values"])
     tokens = torch.cat(list(tokens.pooler_output))  # the projector outputs, per image
     picked = tokens[torch.randperm(len(tokens))[:20]]
     save_codebook(path, picked + 0.05 * picked.std() * torch.randn_like(picked), ["test"] * 20, {})
-    TINY_PARAMS["codebook"] = {"path": str(path), "tau": 0.9}
-    TINY_PARAMS["codebook_fixed"] = {"path": str(path)}
-    return model, processor
+    return path
 
 
 def _inputs(processor, samples):
@@ -58,12 +62,16 @@ SAMPLES = [Q.make_sample("test", "color", 0), Q.make_sample("test", "spatial", 1
            Q.make_sample("test", "exist", 2), Q.make_sample("test", "text", 3)]
 
 
-@pytest.mark.parametrize("name", methods.names())
-def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, name):
+def test_default_methods_name_every_registered_method():
+    assert list(DEFAULT_METHODS) == methods.names()
+
+
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, tiny_codebook, name):
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:2])
     ref_tokens, ref_scores = _generate(model, inputs)
-    params = dict(TINY_PARAMS.get(name, {}))
+    params = default_params(name, tiny_codebook)
     if methods.get(name, **params).adaptive:
         params["tau"] = 1.0  # a threshold above every similarity keeps every token
     with prune(model, name, budget=N, **params) as run:
@@ -72,15 +80,15 @@ def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, name):
     assert [len(r.kept) for r in run.images] == [N, N]
 
 
-@pytest.mark.parametrize("name", methods.names())
-def test_the_model_is_unchanged_after_the_block(tiny, name):
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_the_model_is_unchanged_after_the_block(tiny, tiny_codebook, name):
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = _generate(model, inputs)
     hooks = lambda: [(n, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for n, m in model.named_modules()]  # noqa: E731
     hooks_before = hooks()
-    with prune(model, name, budget=32, **TINY_PARAMS.get(name, {})):
+    with prune(model, name, budget=32, **default_params(name, tiny_codebook)):
         _generate(model, inputs)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -89,8 +97,8 @@ def test_the_model_is_unchanged_after_the_block(tiny, name):
     assert torch.equal(tokens, ref[0]) and torch.equal(scores, ref[1])
 
 
-@pytest.mark.parametrize("name", [n for n in methods.names() if methods.get(n).uses_budget])
-def test_pruning_removes_tokens_and_changes_the_forward(tiny, name):
+@pytest.mark.parametrize("name", [n for n in DEFAULT_METHODS if methods.get(n).uses_budget])
+def test_pruning_removes_tokens_and_changes_the_forward(tiny, tiny_codebook, name):
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:1])
     lengths = []
@@ -99,7 +107,7 @@ def test_pruning_removes_tokens_and_changes_the_forward(tiny, name):
     try:
         with torch.no_grad():
             full = model(**inputs).logits[0, -1]
-            with prune(model, name, budget=32, **TINY_PARAMS.get(name, {})) as run:
+            with prune(model, name, budget=32, **default_params(name, tiny_codebook)) as run:
                 pruned = model(**inputs).logits[0, -1]
     finally:
         handle.remove()
@@ -108,12 +116,12 @@ def test_pruning_removes_tokens_and_changes_the_forward(tiny, name):
     assert not torch.allclose(full, pruned)
 
 
-@pytest.mark.parametrize("name", methods.names())
-def test_a_padded_batch_of_four_equals_four_single_runs(tiny, name):
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_a_padded_batch_of_four_equals_four_single_runs(tiny, tiny_codebook, name):
     model, processor = tiny
     batch_inputs = _inputs(processor, SAMPLES)  # different prompt lengths: left padding
     assert (batch_inputs["attention_mask"] == 0).any()
-    with prune(model, name, budget=48, **TINY_PARAMS.get(name, {})) as run:
+    with prune(model, name, budget=48, **default_params(name, tiny_codebook)) as run:
         tokens, scores = _generate(model, batch_inputs)
         batch_kept = [r.kept for r in run.images]
         singles = [_generate(model, _inputs(processor, [s])) for s in SAMPLES]
@@ -144,14 +152,18 @@ def _context(n=N, d=16, seed=0):
                          vision_keys=lambda: vision, attention_row=torch.rand(n, generator=g))
 
 
-@pytest.mark.parametrize("name", methods.names())
-def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name, tmp_path):
+@pytest.fixture
+def context_codebook(tmp_path):
+    """A codebook in `_context()`'s feature space: 10 of its tokens, perturbed."""
+    path = tmp_path / "cb.pt"
+    save_codebook(path, _context().features[:10] + 0.1 * torch.randn(10, 16), ["t"] * 10, {})
+    return path
+
+
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name, context_codebook):
     ctx = _context()
-    params = {}
-    if "path" in {f.name for f in dataclasses.fields(methods.get(name).__class__)}:
-        save_codebook(tmp_path / "cb.pt", ctx.features[:10] + 0.1 * torch.randn(10, 16), ["t"] * 10, {})
-        params["path"] = str(tmp_path / "cb.pt")
-    method = methods.get(name, **params)
+    method = methods.get(name, **default_params(name, context_codebook))
     k = 64 if method.uses_budget else N
     kept = method.select(ctx, k).kept
     assert torch.equal(kept, kept.unique())  # unique() sorts
@@ -162,6 +174,13 @@ def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name, tmp_path
     if type(method).select is Method.select:  # score-based: the top-k scores, exactly
         top = torch.topk(method.score(ctx), k).indices.sort().values
         assert torch.equal(kept, top)
+
+
+def test_top_k_breaks_ties_towards_the_lower_index_and_sorts():
+    scores = torch.tensor([0.0, 2.0, 1.0, 2.0, 2.0, 1.0])
+    assert top_k(scores, 2).tolist() == [1, 3]
+    assert top_k(scores, 4).tolist() == [1, 2, 3, 4]
+    assert top_k(scores, 0).tolist() == [] and top_k(scores, 6).tolist() == list(range(6))
 
 
 def test_divprune_is_greedy_max_min():
@@ -209,7 +228,7 @@ def test_fastv_attention_row_equals_eager_attention(tiny):
         handle.remove()
         reference = out.attentions[0][:, :, -1].mean(1)  # (B, T), heads averaged
         assert torch.allclose(row, reference, atol=1e-6)
-        with prune(model, "fastv", budget=64, layer=1) as run:
+        with prune(model, "fastv", budget=64, **default_params("fastv")) as run:
             with torch.no_grad():
                 model(**inputs)
     finally:
@@ -243,14 +262,10 @@ def test_budgets_are_parsed_and_checked_as_typed():
     assert parse_budgets("577") == [577]  # above this model's tokens: only the model can say (runner)
 
 
-@pytest.mark.parametrize("name", methods.names())
-def test_a_budget_of_zero_selects_nothing(name, tmp_path):
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_a_budget_of_zero_selects_nothing(name, context_codebook):
     ctx = _context()
-    params = {}
-    if "path" in {f.name for f in dataclasses.fields(methods.get(name).__class__)}:
-        save_codebook(tmp_path / "cb.pt", ctx.features[:10] + 0.1 * torch.randn(10, 16), ["t"] * 10, {})
-        params["path"] = str(tmp_path / "cb.pt")
-    method = methods.get(name, **params)
+    method = methods.get(name, **default_params(name, context_codebook))
     if not method.uses_budget or method.adaptive:
         pytest.skip(f"{name} decides how many tokens it keeps")
     kept = method.select(ctx, 0).kept
@@ -272,7 +287,7 @@ def test_non_finite_features_are_refused_before_the_method_sees_them(tiny, name,
     try:
         with pytest.raises(NonFiniteFeatures, match=rf"image 0 of the batch: the features handed to {name} hold "
                                                      r"\d+ non-finite value\(s\) \(NaN or inf\) of \d+, in float32"):
-            with prune(model, name, budget=64, **TINY_PARAMS.get(name, {})):
+            with prune(model, name, budget=64, **default_params(name)):
                 _generate(model, inputs)
     finally:
         handle.remove()
