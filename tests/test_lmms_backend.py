@@ -13,7 +13,10 @@ from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from harness.evaluation.lmms_backend import CheckpointError, VTPLlava, _stop_at  # noqa: E402
+from harness.evaluation.inputs import stop_at as _stop_at  # noqa: E402
+from harness.evaluation.lmms_backend import CheckpointError, VTPLlava  # noqa: E402
+
+from default_methods import default_params  # noqa: E402
 
 COLOURS = ("red", "blue", "green", "white")
 
@@ -109,7 +112,7 @@ def test_pruned_requests(lm, method):
     """Under a method: a budget keeping every token answers exactly as unpruned; at 64 the records
     say what was kept, batching changes nothing, and the loss is that of the pruned model computed
     by hand for one request."""
-    params = {"layer": 1} if method == "fastv" else {}
+    params = default_params(method)
     import methods as registry
 
     gen, ll = _requests(lm, "generate_until"), _requests(lm, "loglikelihood", second=" blue")
@@ -154,7 +157,7 @@ def test_teacher_forced_nll_is_read_from_generate_where_the_answers_agree(lm, me
     import methods as registry
 
     reqs = _requests(lm, "generate_until", second={"max_new_tokens": 3, "until": []})
-    lm.configure(registry.get(method, **({"layer": 1} if method == "fastv" else {})), 64)
+    lm.configure(registry.get(method, **default_params(method)), 64)
     rerun_rows = []
     score = lm._score_continuations
 
@@ -204,7 +207,7 @@ def test_options_of_one_prompt_share_a_forward(lm, method):
 
     reqs = _options(lm)
     assert all(len(lm.tokenizer(r.args[1], add_special_tokens=False)["input_ids"]) == 1 for r in reqs)
-    params = {"layer": 1} if method == "fastv" else {}
+    params = default_params(method)
     lm.configure(registry.get(method, **params), None if method == "none" else 64)
     try:
         shared = lm.loglikelihood(reqs)

@@ -34,13 +34,9 @@ lmms_compat.apply(restore_log=False)
 
 import contextlib  # noqa: E402
 import gc  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from lmms_eval.api.instance import GenerationResult, TokenCounts  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from loguru import logger  # noqa: E402
@@ -51,63 +47,15 @@ from harness.adapters import NonFiniteFeatures, prune  # noqa: E402
 from harness.budget import budget_label, check_budget, for_method, parse_budget  # noqa: E402
 
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
+from .inputs import Inputs, doc_label, stop_at  # noqa: E402
 from .model_args import CheckpointError, check_pretrained  # noqa: E402,F401
+from .model_args import parse_batch_size, resolve_device, resolve_dtype  # noqa: E402
+from .scoring import Scoring  # noqa: E402
 
-FULL_VOCAB_LIMIT = 1024  # store the whole first-token distribution for vocabularies this small
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_beams", "do_sample")
 
 
-def _resolve_device(device) -> str:
-    device = str(device or "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA device")
-        if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per data-parallel rank
-    return device
-
-
-def _resolve_dtype(dtype, device: str):
-    """None: float32 on CPU, bfloat16 on CUDA; "auto": the checkpoint's; else a dtype name."""
-    if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}") from None
-
-
-def _parse_batch_size(batch_size) -> int:
-    try:
-        value = int(str(batch_size))  # the lmms-eval CLI passes a string
-    except ValueError:
-        raise ValueError(
-            f"batch_size must be a positive integer, got {batch_size!r} ('auto' is not supported)") from None
-    if value < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return value
-
-
-def _doc_label(req) -> str:
-    """A request's document, as errors name it."""
-    return f"task {req.task_name} doc {req.doc_id}"
-
-
-def _stop_at(text: str, until) -> str:
-    """``text`` up to the earliest occurrence of any stop string."""
-    if isinstance(until, str):
-        until = [until]
-    for stop in until or ():
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text
-
-
-class VTPLlava(lmms):
+class VTPLlava(Inputs, Scoring, lmms):
     """LLaVA (``LlavaForConditionalGeneration``) under a visual-token pruning method."""
 
     is_simple = True
@@ -123,9 +71,9 @@ class VTPLlava(lmms):
         # a name the method does not have, listing the ones it accepts.
         self.method_params = kwargs
         self.pretrained = check_pretrained(pretrained)
-        self._device = _resolve_device(device)
-        self._dtype = _resolve_dtype(dtype, self._device)
-        self.batch_size_per_gpu = _parse_batch_size(batch_size)
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self.batch_size_per_gpu = parse_batch_size(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.top_k_logprobs = int(top_k_logprobs)
 
@@ -218,23 +166,6 @@ class VTPLlava(lmms):
                 first += len(row_images)
             raise
 
-    def _per_row(self, run, input_ids) -> tuple[list[list[list[int]]], list[float | None]]:
-        """Per row (images fill rows in order): its images' kept indices, and their mean ΔIPR
-        (everything kept and ΔIPR 0 for the unpruned model)."""
-        per_image = self._model.config.image_seq_length
-        counts = [n // per_image for n in self._visual_counts(input_ids)]
-        if run is None:
-            images = [(list(range(per_image)), 0.0)] * sum(counts)
-        else:
-            images = [(r.kept.tolist(), r.extra.get("delta_ipr")) for r in run.images]
-        kept, delta_ipr, start = [], [], 0
-        for n in counts:
-            row = images[start:start + n]
-            kept.append([k for k, _ in row])
-            values = [v for _, v in row if v is not None]
-            delta_ipr.append(sum(values) / len(values) if values else None)
-            start += n
-        return kept, delta_ipr
 
     # ------------------------------------------------------------------ lmms interface
 
@@ -301,68 +232,6 @@ class VTPLlava(lmms):
 
     # ------------------------------------------------------------------ inputs
 
-    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
-        """The doc's images, from the run's cache when an earlier cell already loaded them (keyed by
-        the doc's content too, so a changed doc is loaded afresh)."""
-        if doc_to_visual is None:
-            return []
-        doc = self.task_dict[task][split][doc_id]
-        key = (task, split, doc_id, hashlib.blake2b(repr(doc).encode(), digest_size=16).hexdigest())
-        images = self._visual_cache.get(key)
-        if images is None:
-            images = self._load_visuals(doc_to_visual(doc), doc_id, task)
-            self._visual_cache.put(key, images, sum(im.width * im.height * len(im.getbands()) for im in images))
-        return images
-
-    @staticmethod
-    def _load_visuals(visuals, doc_id, task) -> list:
-        from PIL import Image
-
-        if visuals is None:
-            return []
-        if not isinstance(visuals, (list, tuple)):
-            visuals = [visuals]
-        images = []
-        for v in visuals:
-            if isinstance(v, Image.Image):
-                images.append(v.convert("RGB"))
-            elif isinstance(v, str) and Path(v).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"):
-                with Image.open(v) as im:
-                    images.append(im.convert("RGB"))
-            else:
-                raise TypeError(f"{task} doc {doc_id}: vtp_llava takes images (PIL or image paths); got "
-                                f"{type(v).__name__} {str(v)[:80]!r}. Give videos as a list of frames.")
-        return images
-
-    def build_prompt(self, ctx: str, n_images: int) -> str:
-        """The user turn through the processor's chat template, image placeholders first (none are
-        added when the task already put ``<image>`` in ``ctx``), then the generation prompt."""
-        content = [] if (n_images == 0 or self.image_token in ctx) else [{"type": "image"}] * n_images
-        content = content + [{"type": "text", "text": ctx}]
-        if getattr(self._processor, "chat_template", None):
-            return self._processor.apply_chat_template([{"role": "user", "content": content}],
-                                                       add_generation_prompt=True, tokenize=False)
-        images = self.image_token * (len(content) - 1)
-        return f"USER: {images + chr(10) if images else ''}{ctx} ASSISTANT:"
-
-    def _encode(self, prompts: list[str], images: list[list], padding_side: str = "left"):
-        flat = [im for row in images for im in row]
-        inputs = self._processor(text=prompts, images=flat or None, padding=True, padding_side=padding_side,
-                                 return_tensors="pt")
-        inputs = inputs.to(self._device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-        return inputs
-
-    def _first_token_dist(self, logits: torch.Tensor) -> dict:
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        vocab = logprobs.shape[-1]
-        k = vocab if vocab <= FULL_VOCAB_LIMIT else min(self.top_k_logprobs, vocab)
-        values, ids = logprobs.topk(k)
-        return {"ids": ids.tolist(), "logprobs": values.tolist(), "full": k == vocab}
-
-    def _visual_counts(self, input_ids: torch.Tensor) -> list[int]:
-        return (input_ids == self.image_token_id).sum(-1).tolist()
 
     def _key(self, req) -> tuple:
         return (req.task_name, req.doc_id, req.idx)
@@ -370,19 +239,6 @@ class VTPLlava(lmms):
     def _record_base(self, req, request_type: str) -> dict:
         return {"request_type": request_type, "method": repr(self.method), "budget": self.budget}
 
-    def _evidence_recall(self, req, kept: list[list[int]]) -> float | None:
-        """Share of the doc's evidence that the method kept, for tasks that say where it is: their
-        metadata's `doc_to_evidence(doc)` gives (image, visual token) pairs (the testbed's tasks do);
-        None for other tasks and for docs without evidence."""
-        evidence_of = (req.metadata or {}).get("doc_to_evidence")
-        if not callable(evidence_of):
-            return None
-        _, _, _, doc_id, task, split = req.args[:6]
-        evidence = evidence_of(self.task_dict[task][split][doc_id])
-        if not evidence:
-            return None
-        kept_pairs = {(i, k) for i, image in enumerate(kept) for k in image}
-        return sum((int(i), int(p)) in kept_pairs for i, p in evidence) / len(evidence)
 
     # ------------------------------------------------------------------ generation
 
@@ -422,7 +278,7 @@ class VTPLlava(lmms):
         return results
 
     def _generate_batch(self, items, reqs, max_new_tokens: int, until) -> list:
-        with self._naming_documents([ims for _, ims, _ in items], [_doc_label(r) for r in reqs]):
+        with self._naming_documents([ims for _, ims, _ in items], [doc_label(r) for r in reqs]):
             return self._generate_batch_unnamed(items, reqs, max_new_tokens, until)
 
     @torch.inference_mode()
@@ -448,7 +304,7 @@ class VTPLlava(lmms):
             while ids and ids[-1] == self.pad_token_id:
                 ids.pop()
             raw = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text = _stop_at(raw, until)
+            text = stop_at(raw, until)
             record = self._record_base(req, "generate_until")
             record.update(generated_ids=ids, raw_text=raw, text=text,
                           first_token=self._first_token_dist(first_logits[row]) if first_logits is not None else None,
@@ -462,27 +318,6 @@ class VTPLlava(lmms):
                 input_tokens=int(prompt_lengths[row]), output_tokens=len(ids))))
         return results
 
-    def _teacher_forced_nll(self, items, reference, steps, step_logits) -> list[float | None]:
-        """Per row, the summed NLL of its reference answer (the unpruned model's generated ids) under
-        the current method; None without one. Where the greedy answer just generated (`steps`: its
-        tokens, `step_logits`: generate's logits per step) follows the reference up to its last token,
-        generate's step logits are the teacher-forced ones (same prompt, same pruned cache, same
-        prefix), so they are read there; only the other rows are run again, teacher-forced."""
-        nll: list[float | None] = [None] * len(items)
-        rerun = []
-        for row, ref in enumerate(reference):
-            if not ref:
-                continue
-            if len(ref) <= len(step_logits) and steps[row][:len(ref) - 1] == ref[:-1]:
-                logprobs = torch.stack([step_logits[j][row] for j in range(len(ref))]).float().log_softmax(-1)
-                nll[row] = float(-logprobs.gather(-1, torch.tensor(ref, device=logprobs.device)[:, None]).sum())
-            else:
-                rerun.append(row)
-        if rerun:
-            scored, _ = self._score_continuations([items[i][:2] for i in rerun], [reference[i] for i in rerun])
-            for row, (loss, *_) in zip(rerun, scored):
-                nll[row] = loss
-        return nll
 
     # ------------------------------------------------------------------ loglikelihood
 
@@ -525,7 +360,7 @@ class VTPLlava(lmms):
         """One forward for the batch's prompts; each item's options in order. An item holds one
         continuation, or several single-token ones read at the same position."""
         with self._naming_documents([ims for _, ims, _ in items],
-                                    [_doc_label(requests[options[0][0]]) for _, _, options in items]):
+                                    [doc_label(requests[options[0][0]]) for _, _, options in items]):
             scored, run_info = self._score_continuations([(p, ims) for p, ims, _ in items],
                                                          [options[0][2] for _, _, options in items])
         results = []
@@ -546,44 +381,3 @@ class VTPLlava(lmms):
                 results.append((loss, greedy))
         return results
 
-    @torch.inference_mode()
-    def _score_continuations(self, prompts, conts: list[list[int]]):
-        """Per continuation after its prompt, under the current method, from one teacher-forced
-        forward for the batch: summed NLL, whether greedy, the first token's distribution (as
-        stored) and its full log-probability vector."""
-        # Right padding: trailing pads cannot affect earlier (causal) positions; positions come from
-        # the mask, so they are exact per row whatever the padding, also after pruning re-pads rows.
-        inputs = self._encode([p for p, _ in prompts], [ims for _, ims in prompts], padding_side="right")
-        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
-        total = max(p + len(c) for p, c in zip(prompt_lengths, conts))
-        input_ids = torch.full((len(prompts), total), self.pad_token_id, dtype=torch.long, device=self._device)
-        attention = torch.zeros((len(prompts), total), dtype=torch.long, device=self._device)
-        for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
-            input_ids[row, :p] = inputs["input_ids"][row, :p]
-            input_ids[row, p:p + len(c)] = torch.tensor(c, dtype=torch.long, device=self._device)
-            attention[row, :p + len(c)] = 1
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        with self._pruning_applied() as run:
-            if run is not None:  # in-LLM methods score from the last prompt token, not the continuation
-                run.query_positions = torch.tensor(prompt_lengths, device=self._device) - 1
-            logits = self._model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                 **model_inputs).logits
-            columns = run.columns() if run is not None else None  # original column of each output position
-        kept, delta_ipr = self._per_row(run, input_ids)
-        info = {"prompt_lengths": prompt_lengths, "visual_in": self._visual_counts(input_ids),
-                "kept": kept, "delta_ipr": delta_ipr}
-        scored = []
-        for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
-            if not c:
-                scored.append((0.0, True, None, None))
-                continue
-            at = torch.arange(p - 1, p - 1 + len(c), device=logits.device)
-            if columns is not None:  # where those positions went in the pruned sequence
-                at = (columns[row][None, :] == at[:, None]).float().argmax(-1)
-            logprobs = F.log_softmax(logits[row, at].float(), dim=-1)
-            target = torch.tensor(c, device=logprobs.device)
-            scored.append((float(-logprobs.gather(-1, target[:, None]).sum()),
-                           bool((logprobs.argmax(-1) == target).all()), self._first_token_dist(logits[row, at[0]]),
-                           logprobs[0]))
-        return scored, info

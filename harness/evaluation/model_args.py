@@ -1,5 +1,6 @@
-"""Validation of the ``vtp_llava`` backend's model_args that must stay light (no torch, no
-lmms_eval import), so ``harness run`` reports a bad ``--model`` at once (budgets: ``harness.budget``)."""
+"""Validation of the ``vtp_llava`` backend's model_args: the checkpoint, device, dtype and batch size.
+Light at import (torch is imported inside the functions that need it, no lmms_eval), so ``harness run``
+reports a bad ``--model`` at once (budgets: ``harness.budget``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 from harness.errors import InputError
 
 LLAVA_MODEL_TYPES = ("llava",)
+#: dtype names the backend takes -> torch dtype attribute
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class CheckpointError(InputError):
@@ -47,3 +51,43 @@ def check_pretrained(pretrained) -> str:
             f"(model_type {' / '.join(map(repr, LLAVA_MODEL_TYPES))}, LlavaForConditionalGeneration)")
     return location
 
+
+def resolve_device(device) -> str:
+    """cpu, or a CUDA device torch sees (one GPU per data-parallel rank for plain `cuda`)."""
+    import os
+
+    import torch
+
+    device = str(device or "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA device")
+        if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per data-parallel rank
+    return device
+
+
+def resolve_dtype(dtype, device: str):
+    """None: float32 on CPU, bfloat16 on CUDA; "auto": the checkpoint's; else a dtype name."""
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return getattr(torch, DTYPES[str(dtype).lower()])
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}") from None
+
+
+def parse_batch_size(batch_size) -> int:
+    """A positive int (the lmms-eval CLI passes a string)."""
+    try:
+        value = int(str(batch_size))  # the lmms-eval CLI passes a string
+    except ValueError:
+        raise ValueError(
+            f"batch_size must be a positive integer, got {batch_size!r} ('auto' is not supported)") from None
+    if value < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return value

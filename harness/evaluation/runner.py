@@ -22,111 +22,23 @@ from __future__ import annotations
 from . import lmms_compat  # first: offline variables before lmms_eval/datasets/transformers
 
 import contextlib  # noqa: E402
-import csv  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from harness.budget import BudgetError, check_budget, for_method  # noqa: E402
-from harness.budget import budget_label as label_budget  # noqa: E402
-from harness.budget import parse_budgets as parse_budget_list  # noqa: E402
-from harness.errors import InputError  # noqa: E402
-from harness.metrics.consistency import SampleView, paired_metrics, sample_view  # noqa: E402  (light: numpy)
-from harness.protocol import DEFAULT_BUDGETS, DEFAULT_MODEL, DEFAULT_TASKS, RunConfig  # noqa: E402,F401
+from harness.metrics.consistency import SampleView  # noqa: E402  (light: numpy)
+from harness.protocol import DEFAULT_MODEL, RunConfig  # noqa: E402
 
-from .store import STORE, SUMMARY, SUMMARY_COLUMNS, Store, cell_key, code_version, git_commit  # noqa: E402
-from .store import model_hash  # noqa: E402
+from .grid import (RunError, budget_label, cells, check_budgets, parse_budgets, parse_params,  # noqa: E402,F401
+                   resolve_methods, resolve_tasks)
+from .outputs import (format_table, jsonable, paired_rows, records_by_doc, sample_views, summary_rows,  # noqa: E402
+                      write_samples, write_summary)
+from .store import STORE, SUMMARY, Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class RunError(InputError):
-    """A problem with the run's arguments or inputs, reported without a traceback."""
-
-
-# ----------------------------------------------------------------------------- argument resolution
-
-def parse_params(specs: list[str] | None) -> dict[str, dict]:
-    """`method:key=value;key=value` strings -> {method: {key: value}}; values read as YAML scalars
-    (`true`, `3`, `0.5`, `budget`). Unknown methods or parameters are refused with what exists."""
-    import yaml
-
-    import methods
-
-    out: dict[str, dict] = {}
-    for spec in specs or []:
-        name, sep, body = spec.partition(":")
-        name = name.strip()
-        if not sep or not body.strip():
-            raise RunError(f"--params {spec!r}: expected METHOD:key=value[;key=value...]")
-        pairs = {}
-        for item in body.split(";"):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise RunError(f"--params {spec!r}: {item!r} is not key=value")
-            pairs[key.strip()] = yaml.safe_load(value.strip())
-        try:
-            methods.get(name, **pairs)
-        except ValueError as e:
-            raise RunError(f"--params {spec!r}: {e}") from None
-        out.setdefault(name, {}).update(pairs)
-    return out
-
-
-def resolve_methods(spec: str) -> list[str]:
-    """``none`` | ``all`` | ``a,b``: registered method names, validated."""
-    import methods
-
-    known = methods.names()
-    spec = (spec or "").strip()
-    if spec == "all":
-        return known
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise RunError(f"--methods is empty; known methods: {', '.join(known)} (or 'all')")
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise RunError(f"unknown method(s) {', '.join(map(repr, unknown))}; "
-                       f"known methods: {', '.join(known)} (or 'all')")
-    return list(dict.fromkeys(names))
-
-
-def parse_budgets(spec: str | None) -> list:
-    """`--budgets` as a list (harness.budget.parse_budgets); what no model accepts is a RunError."""
-    try:
-        return parse_budget_list(spec)
-    except BudgetError as e:
-        raise RunError(f"--budgets: {e}") from None
-
-
-def check_budgets(budgets: list, tokens_per_image: int) -> None:
-    """Every budget against the loaded model's tokens per image, before the first cell."""
-    for value in budgets:
-        try:
-            check_budget(value, tokens_per_image)
-        except BudgetError as e:
-            raise RunError(f"--budgets: {e}") from None
-
-
-def cells(method_names: list[str], budgets: list) -> list[tuple[str, object]]:
-    """(method, budget) pairs: methods without a budget get one unpruned cell (budget None);
-    the others one per budget (`DEFAULT_BUDGETS` when none are given)."""
-    import methods
-
-    out = []
-    for name in method_names:
-        method = methods.get(name)
-        out += list(dict.fromkeys((name, for_method(method, b)) for b in (budgets or DEFAULT_BUDGETS)))
-    return out
-
-
-def resolve_tasks(spec: str | None) -> list[str]:
-    names = [s.strip() for s in (spec or "").split(",") if s.strip()]
-    return names or list(DEFAULT_TASKS)
 
 
 def resolve_model(path: str | None) -> Path:
@@ -154,130 +66,6 @@ def model_label(path: Path, name: str | None) -> str:
     if name:
         return name
     return "testbed" if path.resolve() == DEFAULT_MODEL.resolve() else path.name
-
-
-def budget_label(budget, method: str | None = None) -> str:
-    """The budget column of the registered method `method` (harness.budget.budget_label)."""
-    import methods
-
-    return label_budget(budget, method is not None and getattr(type(methods.get(method)), "adaptive", False))
-
-
-# ----------------------------------------------------------------------------- results
-
-def _leaf_tasks(res: dict) -> list[str]:
-    groups = {name for name, subtasks in (res.get("group_subtasks") or {}).items() if subtasks}
-    return [name for name in res["results"] if name not in groups]
-
-
-def summary_rows(res: dict, model: str, method: str, budget) -> list[dict]:
-    """Long-format rows of one cell: each leaf task's metrics (not stderr) and n_samples."""
-    rows = []
-    for task in _leaf_tasks(res):
-        for key, value in res["results"][task].items():
-            if key == "alias" or "," not in key:
-                continue
-            metric, filt = key.split(",", 1)
-            if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            name = metric if filt == "none" else key
-            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task, metric=name,
-                             value=float(value)))
-        n = (res.get("n-samples") or {}).get(task, {}).get("effective")
-        if n is not None:
-            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task,
-                             metric="n_samples", value=int(n)))
-    return rows
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        try:
-            return _jsonable(value.item())
-        except (ValueError, RuntimeError):
-            pass
-    if hasattr(value, "to_dict"):
-        return _jsonable(value.to_dict())
-    return str(value)
-
-
-def _records_by_doc(records: dict) -> dict[tuple, list[dict]]:
-    """The backend's records grouped per (task, doc_id), in request order."""
-    by_doc: dict[tuple, dict] = {}
-    for (task, doc_id, idx), record in records.items():
-        by_doc.setdefault((task, doc_id), {})[idx] = record
-    return {key: [recs[i] for i in sorted(recs)] for key, recs in by_doc.items()}
-
-
-def sample_views(res: dict, by_doc: dict) -> dict[str, dict]:
-    """Per task, {doc_id: SampleView}: what the paired metrics compare (`by_doc`: `_records_by_doc`)."""
-    return {task: {s["doc_id"]: sample_view(s, by_doc.get((task, s["doc_id"]), [])) for s in samples}
-            for task, samples in (res.get("samples") or {}).items()}
-
-
-def paired_rows(reference: dict, views: dict, model: str, method: str, budget) -> list[dict]:
-    """Rows of the paired metrics of one cell against the unpruned reference, per task."""
-    rows = []
-    for task, task_views in views.items():
-        for metric, value in paired_metrics(reference.get(task, {}), task_views).items():
-            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task, metric=metric,
-                             value=float(value)))
-    return rows
-
-
-def write_samples(out_dir: Path, res: dict, by_doc: dict, method: str, budget) -> list[Path]:
-    """``samples/<method>_<budget>_<task>.jsonl`` per task, sorted by doc_id, with the backend's records
-    (`by_doc`: `_records_by_doc`)."""
-    sample_dir = out_dir / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for task, samples in (res.get("samples") or {}).items():
-        path = sample_dir / f"{method}_{budget_label(budget, method)}_{task}.jsonl"
-        with path.open("w") as f:
-            for s in sorted(samples, key=lambda s: s["doc_id"]):
-                line = {k: v for k, v in s.items() if k not in ("arguments", "doc_hash")}
-                line = {"task": task, "method": method, "budget": budget_label(budget, method), **line}
-                line["input"] = s["arguments"][0] if s.get("arguments") else None
-                line["records"] = by_doc.get((task, s["doc_id"]), [])
-                f.write(json.dumps(_jsonable(line)) + "\n")
-        paths.append(path)
-    return paths
-
-
-def write_summary(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Tasks as rows, one column per (method, budget), accuracy (n) per cell."""
-    metric_rows = [r for r in rows if r["metric"] != "n_samples"]
-    n = {(r["method"], r["budget"], r["task"]): r["value"] for r in rows if r["metric"] == "n_samples"}
-    columns = list(dict.fromkeys((r["method"], r["budget"]) for r in rows))
-    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in metric_rows))
-    value = {(r["method"], r["budget"], r["task"], r["metric"]): r["value"] for r in metric_rows}
-    header = ["task", "metric"] + [f"{m}@{b}" for m, b in columns]
-    table = [header]
-    for task, metric in keys:
-        cells_ = []
-        for m, b in columns:
-            v = value.get((m, b, task, metric))
-            cells_.append("-" if v is None else f"{v:.3f} (n={n.get((m, b, task), '?')})")
-        table.append([task, metric] + cells_)
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -427,7 +215,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
                                   log_samples=True, bootstrap_iters=0, use_cache=None,
                                   datetime_str=lmms_compat.fresh_datetime_str())
             records = lm.pop_records()
-            by_doc = _records_by_doc(records)
+            by_doc = records_by_doc(records)
             views = sample_views(res, by_doc)
             if method == "none":
                 reference = views
@@ -452,7 +240,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
         results_dir = out_dir / "results"
         results_dir.mkdir(exist_ok=True)
         (results_dir / f"{method}_{budget_label(budget, method)}.json").write_text(
-            json.dumps(_jsonable({k: v for k, v in res.items() if k != "samples"}), indent=1))
+            json.dumps(jsonable({k: v for k, v in res.items() if k != "samples"}), indent=1))
         write_summary(out_dir / SUMMARY, rows)  # after every cell: an interrupted sweep keeps its rows
         acc = [r for r in cell_rows if r["metric"] == "accuracy"]
         mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
