@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from harness.errors import InputError
+from methods.codebook_files import TESTBED_CODEBOOK
 
 
 def _codebook_build(args) -> int:
@@ -41,7 +42,7 @@ def add_parser(sub) -> None:
     cb_build = codebook.add_parser("build", help="probe images and mine a codebook of redundant prototypes")
     cb_build.add_argument("--model", default=None, help="LLaVA checkpoint folder (default: the testbed model)")
     cb_build.add_argument("--images", type=int, default=500, help="training images to probe (default 500)")
-    cb_build.add_argument("--output", default="harness/testbed/codebook/codebook.pt", help="codebook file (.pt)")
+    cb_build.add_argument("--output", default=TESTBED_CODEBOOK, help="codebook file (.pt)")
     cb_build.add_argument("--cache", default=None, help="probe cache folder (default: runs/codebook-probes/<hash>)")
     cb_build.add_argument("--prompt", default=None, help="probe prompt (default: the release's one-word request)")
     cb_build.add_argument("--jsd-threshold", dest="jsd_threshold", type=float, default=None,
@@ -53,7 +54,7 @@ def add_parser(sub) -> None:
     cb_build.set_defaults(func=_codebook_build, prog_name="harness codebook build")
     cb_analyze = codebook.add_parser("analyze", help="language-feedback redundancy against [CLS] similarity "
                                                      "and attention, on a codebook's probed tokens")
-    cb_analyze.add_argument("--codebook", default="harness/testbed/codebook/codebook.pt")
+    cb_analyze.add_argument("--codebook", default=TESTBED_CODEBOOK)
     cb_analyze.add_argument("--output", default="runs/codebook-analysis")
     cb_analyze.add_argument("--run", default=None, help="a `harness run` folder with the adaptive codebook: "
                                                         "also plot the tokens it kept per image")
