@@ -1,7 +1,6 @@
 """`harness leaderboard`: rendered from a real (tiny-model) run, checked against its summary; the protocol
 config; bad input; sorting in a headless browser when one is installed."""
 
-import argparse
 import base64
 import csv
 import json
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 
 from harness import cli, protocol
-from harness.reports import leaderboard
+from harness.reports import leaderboard, run_folder
 
 METHODS = ("random", "uniform", "cls_attention")  # pre-LLM: FastV's layer 2 is past the tiny model's 2 layers
 TASKS = ("testbed_exist", "testbed_color")
@@ -23,11 +22,8 @@ LATER_ACCURACY = 0.25  # what the second run says about random@64 on testbed_exi
 
 
 def _cli(argv: list[str]) -> int:
-    """`harness leaderboard ...` through the subcommand's own parser (what cli.py registers)."""
-    parser = argparse.ArgumentParser(prog="harness")
-    leaderboard.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`harness leaderboard ...` in-process, through the CLI (which reports bad input: one line, exit 2)."""
+    return cli.main(argv)
 
 
 def _later_run(first, folder):
@@ -179,7 +175,7 @@ def test_relative_accuracy_is_a_ratio_of_means_a_floor_task_cannot_dominate():
         for task, acc in zip(("a", "b"), accuracies):
             rows += [("m", method, budget, task, "accuracy", acc), ("m", method, budget, task, "flops_prefill", 1.0),
                      ("m", method, budget, task, "flops_vision", 1.0), ("m", method, budget, task, "prefill_ms", 1.0)]
-    summary = pd.DataFrame(rows, columns=list(leaderboard.run_folder.SUMMARY_COLUMNS))
+    summary = pd.DataFrame(rows, columns=list(run_folder.SUMMARY_COLUMNS))
     cells = leaderboard.cell_table(leaderboard.task_table(summary, {})).set_index("method")
     assert cells.loc["random", "relative_accuracy"] == pytest.approx((0.45 + 0.13) / 0.93)
     assert cells.loc["none", "relative_accuracy"] == pytest.approx(1.0)

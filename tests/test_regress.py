@@ -1,7 +1,6 @@
 """`harness regress`: unchanged code passes (and keeps passing), injected regressions are caught,
 unusable input is refused with exit code 2, the paired tests' thresholds, history, and the CI path."""
 
-import argparse
 import csv
 import json
 import re
@@ -18,13 +17,8 @@ TASKS = "testbed_exist,testbed_color_mc"
 
 
 def harness(*argv) -> int:
-    """`harness ...` in-process; registers `regress` on the CLI's parser when cli.py does not yet."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "regress" not in sub.choices:
-        regress.add_parser(sub)
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    """`harness ...` in-process, through the CLI (which reports bad input: one line, exit 2)."""
+    return cli.main([str(a) for a in argv])
 
 
 def tiny_run(model_dir, out, limit="3", methods="random"):
@@ -252,12 +246,13 @@ def test_ci_writes_a_compact_baseline_then_passes(tiny_llava_dir, tmp_path, caps
 
 
 def test_the_committed_baseline_is_the_ci_protocol():
-    config = regress.load_ci_config()
-    base = regress.load_run(regress.REPO_ROOT / config["baseline"])
-    assert base.protocol["limit"] == config["limit"]
-    assert base.protocol["tasks"] == sorted(config["tasks"])
-    assert {m for m, _, _ in base.metrics} == set(config["methods"])
-    assert {t for _, _, t in base.metrics} == set(config["tasks"])
+    config, baseline = regress.load_ci_config()
+    base = regress.load_run(baseline)
+    tasks, methods = config.tasks.split(","), config.methods.split(",")
+    assert base.protocol["limit"] == config.limit
+    assert base.protocol["tasks"] == sorted(tasks)
+    assert {m for m, _, _ in base.metrics} == set(methods)
+    assert {t for _, _, t in base.metrics} == set(tasks)
     from harness.evaluation.store import model_hash
     from harness.testbed.model import CHECKPOINT
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.reports import run_folder
+
 CONSISTENCY = ("agreement", "flip_correct_to_wrong", "first_token_kl", "first_token_jsd", "top1_agreement",
                "teacher_forced_nll", "relative_accuracy")
 
 
 def cell_table(summary_csv: Path):
     """Pruned cells as rows (model, method, budget, task) with delta_ipr and the consistency metrics."""
-    import pandas as pd
-
-    if not summary_csv.is_file():
-        raise ValueError(f"no summary.csv in {summary_csv.parent}: pass the output folder of a `harness run`")
-    long = pd.read_csv(summary_csv)
+    long = run_folder.read_summary(summary_csv)
     wanted = long[long["metric"].isin(("delta_ipr",) + CONSISTENCY) & (long["method"] != "none")]
     wide = wanted.pivot_table(index=["model", "method", "budget", "task"], columns="metric", values="value")
     if "delta_ipr" not in wide or wide["delta_ipr"].notna().sum() < 3:
@@ -54,8 +52,8 @@ def correlations(table) -> "pd.DataFrame":  # noqa: F821
 
 
 def analyze_consistency(run_dir: str | Path, say=print):
-    run_dir = Path(run_dir)
-    table = cell_table(run_dir / "summary.csv")
+    run_dir = run_folder.folder(run_dir)  # a RunFolderError (a ValueError) names what is missing
+    table = cell_table(run_dir / run_folder.SUMMARY)
     result = correlations(table)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)

@@ -1,13 +1,16 @@
 """Reading a finished `harness run` output folder: its `summary.csv` and its results store, read-only.
 
-One place for what the leaderboard and the regression checks both read; each keeps its own view of
-the cells on top. Every problem is a `RunFolderError` naming the file and what was expected.
+One place for what the leaderboard, the regression checks and the analyses read, and the one reader
+of the store's tables (`harness.evaluation.store` writes them); each report keeps its own view of the
+cells on top. Every problem is a `RunFolderError` naming the file and what was expected.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -51,7 +54,8 @@ def open_store(path: Path) -> sqlite3.Connection:
         raise RunFolderError(f"{path} is missing: the per-sample results and provenance are in the results store")
     try:
         db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
-        db.execute("SELECT cell_key, method, determined_by, rows, details, finished FROM cells LIMIT 1").fetchall()
+        db.execute("SELECT cell_key, run_id, method, determined_by, rows, details, finished FROM cells "
+                   "LIMIT 1").fetchall()
         db.execute("SELECT run_id, started, provenance FROM runs LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         raise RunFolderError(f"{path} is not a results store: {e}") from None
@@ -65,3 +69,28 @@ def invocation(db: sqlite3.Connection, run_id: int | None = None) -> tuple[str, 
     else:
         row = db.execute("SELECT started, provenance FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     return (row[0], json.loads(row[1])) if row else ("", {})
+
+
+@dataclass(frozen=True)
+class StoredCell:
+    """One finished cell of the store, its JSON columns decoded."""
+
+    key: str
+    run_id: int  # the invocation that finished it
+    method: str
+    determined_by: dict  # what its key hashes: model, method_repr, budget, tasks, limit, task data, code
+    rows: list  # its summary rows, as dicts
+    details: dict  # the timing pass per task: spread, device, attention backend
+
+
+def cells(db: sqlite3.Connection) -> list[StoredCell]:
+    """Every finished cell, oldest first."""
+    query = "SELECT cell_key, run_id, method, determined_by, rows, details FROM cells ORDER BY finished"
+    return [StoredCell(key, run_id, method, json.loads(determined_by), json.loads(rows), json.loads(details or "{}"))
+            for key, run_id, method, determined_by, rows, details in db.execute(query)]
+
+
+def sample_views(db: sqlite3.Connection, key: str) -> Iterator[tuple[str, int, dict]]:
+    """(task, doc_id, view) of each document the cell evaluated, the paired-metric view decoded."""
+    for task, doc_id, view in db.execute("SELECT task, doc_id, view FROM samples WHERE cell_key = ?", (key,)):
+        yield task, doc_id, json.loads(view)
