@@ -60,35 +60,91 @@ def test_cli_errors_have_no_traceback(tmp_path):
 
 def test_a_non_positive_rope_base_is_refused_before_training(tmp_path, capsys):
     for bad in ("0", "-1e4", "ten"):
-        with pytest.raises(SystemExit) as stop:
-            cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"), f"--rope-theta={bad}"])
-        assert stop.value.code == 2
-        assert "--rope-theta: expected a positive number" in capsys.readouterr().err
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"dims:\n  rope_theta: {bad}\n")
+        assert cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"), "--recipe", str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert "dims.rope_theta: expected a positive number" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()
 
 
 def test_a_missing_donor_checkpoint_is_one_clear_error(tmp_path, capsys):
-    assert cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"),
-                     "--init-from", str(tmp_path / "nowhere")]) == 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"init_from: {tmp_path / 'nowhere'}\n")
+    assert cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"), "--recipe", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert f"--init-from {tmp_path / 'nowhere'}: not a llava-hf checkpoint" in err and "Traceback" not in err
+    assert f"init_from {tmp_path / 'nowhere'}: not a llava-hf checkpoint" in err and "Traceback" not in err
+    # Also when the recipe gives the RoPE base itself (the donor is then first opened by the trainer).
+    recipe.write_text(f"init_from: {tmp_path / 'nowhere'}\ndims: {{rope_theta: 1e6}}\n")
+    assert cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"), "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"init_from {tmp_path / 'nowhere'}: not a llava-hf checkpoint" in err and "Traceback" not in err
 
 
-def test_every_training_flag_sets_a_recipe_field():
+def test_the_recipe_file_sets_every_recipe_field_and_refuses_anything_else(tmp_path, capsys):
+    """`harness testbed train --recipe FILE`: every Recipe field (and every dim) can be set from YAML, to
+    the type the field has; an unknown key or a value of the wrong type is one line, exit 2, before any
+    training."""
     import dataclasses
 
-    from harness.testbed import train as T
+    import yaml
 
-    fields = {f.name: f for f in dataclasses.fields(T.Recipe)}
-    from harness.cli.testbed import RECIPE_FLAGS
+    from harness.testbed.model import ModelDims
+    from harness.testbed.training import recipe as R
 
-    for flag, kind, _ in RECIPE_FLAGS:
-        name = flag[2:].replace("-", "_")
-        assert name in fields, flag
-        assert kind is not bool or fields[name].default is False, flag  # a switch turns something on
-    args = cli.build_parser().parse_args(["testbed", "train", "--spread-words", "--readout-answers", "all",
-                                          "--instruct-lr", "2e-3"])
-    assert (args.spread_words, args.readout_answers, args.instruct_lr, args.count_centres) == (True, "all", 2e-3, None)
+    default = R.Recipe()
+    changed = {"int": 7, "float": 0.25, "bool": True, "tuple": [1, 3], "str | None": "somewhere"}
+    values = {f.name: changed[f.type] for f in dataclasses.fields(R.Recipe) if f.type in changed}
+    values["readout_answers"] = "all"
+    values["dims"] = {f.name: changed[f.type] for f in dataclasses.fields(ModelDims)}
+    assert set(values) == {f.name for f in dataclasses.fields(R.Recipe)}  # every field has a changed value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    recipe = R.load(path)
+    for f in dataclasses.fields(R.Recipe):
+        got = getattr(recipe, f.name)
+        assert got != getattr(default, f.name), f.name
+        expected = tuple(values[f.name]) if f.type == "tuple" else values[f.name]
+        assert got == expected and type(got) is type(expected), f.name
+    assert isinstance(recipe.vision_lr, float) and R.load(path).dims == values["dims"]
+    # Exponent floats without a dot are numbers; ints widen to floats; dims left out keep their defaults.
+    path.write_text("instruct_lr: 1e-3\nattention_weight: 2\ndims: {rope_theta: 1e8}\n")
+    recipe = R.load(path)
+    assert (recipe.instruct_lr, recipe.attention_weight) == (1e-3, 2.0) and type(recipe.attention_weight) is float
+    assert recipe.dims == {**default.dims, "rope_theta": 1e8}
+    path.write_text("")
+    assert R.load(path) == default
+    # save() writes what load() reads back.
+    R.save(recipe, tmp_path / "again.yaml", header="a header\nof two lines")
+    assert (tmp_path / "again.yaml").read_text().startswith("# a header\n# of two lines\n")
+    assert R.load(tmp_path / "again.yaml") == recipe
+
+    for text, message in (("instruct_step: 300\n", "unknown key(s) 'instruct_step' (did you mean 'instruct_steps'?)"),
+                          ("dims: {hidden: 8}\n", "dims: unknown key(s) 'hidden'"),
+                          ("instruct_steps: 1.5\n", "instruct_steps: expected an integer, got 1.5"),
+                          ("instruct_steps: '300'\n", "instruct_steps: expected an integer, got '300'"),
+                          ("instruct_lr: fast\n", "instruct_lr: expected a number, got 'fast'"),
+                          ("attention_weight: true\n", "attention_weight: expected a number, got True"),
+                          ("seed: null\n", "seed: expected an integer, got None"),
+                          ("spread_words: 1\n", "spread_words: expected true or false, got 1"),
+                          ("multi_slots: [2, x]\n", "multi_slots: expected a list of integers, got [2, 'x']"),
+                          ("init_from: 3\n", "init_from: expected a string or null, got 3"),
+                          ("readout_answers: everything\n", "readout_answers: expected 'attributes' or 'all'"),
+                          ("dims: 8\n", "dims: expected a mapping of ModelDims fields"),
+                          ("dims: {text_layers: 2.0}\n", "dims.text_layers: expected an integer, got 2.0"),
+                          ("- vision_steps\n", "expected a mapping of Recipe fields"),
+                          ("vision_steps: [\n", "is not valid YAML")):
+        path.write_text(text)
+        with pytest.raises(R.RecipeError, match=re.escape(message)):
+            R.load(path)
+        assert cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"), "--recipe", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and str(path) in err
+    assert cli.main(["testbed", "train", "--workdir", str(tmp_path / "w"), "--recipe", str(tmp_path / "none")]) == 2
+    assert "recipe file not readable" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    args = cli.build_parser().parse_args(["testbed", "train", "--recipe", "r.yaml", "--seed", "3"])
+    assert (args.recipe, args.seed, args.device) == ("r.yaml", 3, None)
 
 
 def test_unknown_task(tiny_llava_dir, tmp_path, capsys):
@@ -280,12 +336,12 @@ def test_code_version_follows_the_code_results_depend_on(tmp_path):
     training scripts leave finished cells valid; a method, the harness core or a task invalidates them."""
     from harness.evaluation.store import code_version
 
-    for rel in ("methods/m.py", "harness/core.py", "harness/reports/leaderboard.py", "harness/testbed/train.py",
-                "tasks/t/t.yaml", "README.md"):
+    for rel in ("methods/m.py", "harness/core.py", "harness/reports/leaderboard.py",
+                "harness/testbed/training/trainer.py", "tasks/t/t.yaml", "README.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x = 1\n")
     base = code_version(tmp_path)
-    for rel in ("README.md", "harness/reports/leaderboard.py", "harness/testbed/train.py"):
+    for rel in ("README.md", "harness/reports/leaderboard.py", "harness/testbed/training/trainer.py"):
         (tmp_path / rel).write_text("x = 2\n")
         assert code_version(tmp_path) == base, rel
     seen = {base}

@@ -1,9 +1,10 @@
 """Attention rows computed from a layer's own weights, for the few queries a method needs.
 
-One place for the Llama decoder's attention of given query positions (RMSNorm, projections, RoPE,
-grouped-query heads) and for a CLIP ViT layer's [CLS] attention, so every layer keeps running under
-SDPA / flash attention and no T x T matrix is formed. The adapters use them for in-LLM scoring and
-[CLS]-based methods; the codebook probes use the decoder row too.
+One place for the Llama decoder's queries and keys at given positions and heads (projections, RoPE,
+grouped-query heads), for its attention row of given query positions, and for a CLIP ViT layer's
+[CLS] attention, so every layer keeps running under SDPA / flash attention and no T x T matrix is
+formed. The adapters use them for in-LLM scoring and [CLS]-based methods, the codebook probes the
+decoder row, and the testbed's training the queries and keys its retrieval heads' losses score.
 """
 
 from __future__ import annotations
@@ -23,6 +24,34 @@ def cls_attention(layer, hidden) -> tuple[torch.Tensor, torch.Tensor]:
     return probs.sum(0), k[:, 1:].mean(0)
 
 
+def rotary_queries(layer, h, cos, sin, rows, positions, heads=None) -> torch.Tensor:
+    """(N, heads, D): the queries of Llama decoder `layer`'s `heads` (default all) at (rows, positions),
+    RoPE applied, from the layer's normalised input `h` (B, T, d) and the rotation (cos, sin) (B, T, D)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    q = attn.q_proj(h[rows, positions]).view(len(rows), -1, attn.head_dim)  # (N, H, D)
+    if heads is not None:
+        q = q[:, list(heads)]
+    q, _ = apply_rotary_pos_emb(q, q, cos[rows, positions], sin[rows, positions])
+    return q
+
+
+def rotary_keys(layer, h, cos, sin, heads=None) -> torch.Tensor:
+    """(B, heads, T, D): for each of Llama decoder `layer`'s query `heads` (default all), the keys it
+    reads at every position, RoPE applied: those of its key/value head (grouped-query attention: query
+    head i reads key/value head i // groups). From the layer's normalised input `h` (B, T, d) and the
+    rotation (cos, sin) (B, T, D)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    batch, length, _ = h.shape
+    k = attn.k_proj(h).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, KV, T, D)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    heads = range(k.shape[1] * attn.num_key_value_groups) if heads is None else heads
+    return k[:, [head // attn.num_key_value_groups for head in heads]]
+
+
 def last_token_attention(layer, hidden, position_embeddings, mask2d, positions=None) -> torch.Tensor:
     """(B, T): the attention probabilities of one query per row (`positions`, default the last
     column) in `layer`, averaged over heads.
@@ -31,21 +60,15 @@ def last_token_attention(layer, hidden, position_embeddings, mask2d, positions=N
     for that single query row, so every layer keeps running under SDPA/flash attention and no
     T x T matrix is formed. Padding columns (mask 0) get no attention, as in the layer itself.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     attn = layer.self_attn
     h = layer.input_layernorm(hidden)
     batch, length, _ = h.shape
     rows = torch.arange(batch, device=h.device)
     if positions is None:
         positions = torch.full((batch,), length - 1, device=h.device)
-    q = attn.q_proj(h[rows, positions][:, None]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
-    k = attn.k_proj(h).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, KV, T, D)
-    cos, sin = position_embeddings
-    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-    q, _ = apply_rotary_pos_emb(q, q, cos[rows, positions][:, None], sin[rows, positions][:, None])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # (B, H, T, D)
+    cos, sin = (x.expand(batch, -1, -1) for x in position_embeddings)
+    q = rotary_queries(layer, h, cos, sin, rows, positions)[:, :, None]  # (B, H, 1, D)
+    k = rotary_keys(layer, h, cos, sin)  # (B, H, T, D)
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, T)
     allowed = torch.arange(length, device=h.device)[None, :] <= positions[:, None]  # causal
     if mask2d is not None:

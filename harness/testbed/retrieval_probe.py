@@ -22,8 +22,10 @@ import sys
 import torch
 
 from . import questions as Q
-from . import train as T
 from . import world as W
+from .training.batches import attribute_targets, collate, word_ids
+from .training.retrieval import answer_attention, attribute_log_mass, image_keys, readout_words, retrieval_logits
+from .training.samples import counted_centres
 
 FAMILIES = ("exist", "count", "color", "spatial", "text", "video")
 LAYER = 1
@@ -32,7 +34,7 @@ LAYER = 1
 @torch.no_grad()
 def _forward(model, processor, samples: list[dict], sink_for_absent: bool = False):
     """One batch of single-turn questions through the model: the batch, its evidence and the outputs."""
-    batch = T.collate(samples, processor.tokenizer, model.config.image_token_id, sink_for_absent=sink_for_absent)
+    batch = collate(samples, processor.tokenizer, model.config.image_token_id, sink_for_absent=sink_for_absent)
     evidence = batch.pop("evidence")
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
     return batch, evidence, out
@@ -45,16 +47,16 @@ def _question(sample: dict, **extra) -> dict:
 
 @torch.no_grad()
 def probe(model, processor, family: str, n: int, batch_size: int = 8) -> dict[str, float]:
-    answer_ids = torch.tensor(T.word_ids(processor.tokenizer, T.readout_words("all", counts=True)))
+    answer_ids = torch.tensor(word_ids(processor.tokenizer, readout_words("all", counts=True)))
     samples = [Q.make_sample("validation", family, i) for i in range(n)]
-    samples = [_question(s, centre_turns=[T.counted_centres(s, s["question"])]) for s in samples]
+    samples = [_question(s, centre_turns=[counted_centres(s, s["question"])]) for s in samples]
     target, sink, right = [], [], []
     for start in range(0, n, batch_size):
         batch, ev, out = _forward(model, processor, samples[start:start + batch_size], sink_for_absent=True)
-        logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)  # (N, 2, T)
+        logp = answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)  # (N, 2, T)
         target.append(torch.logsumexp(logp.masked_fill(~ev["patches"], float("-inf")), -1).exp())
         sink.append(logp[:, :, 0].exp())
-        logits = T.retrieval_logits(model, out.hidden_states, logp.exp(), ev["rows"], LAYER)[:, answer_ids]
+        logits = retrieval_logits(model, out.hidden_states, logp.exp(), ev["rows"], LAYER)[:, answer_ids]
         right.append(answer_ids[logits.argmax(-1)] == batch["labels"][ev["rows"], ev["positions"] + 1])
     target, sink, right = torch.cat(target), torch.cat(sink), torch.cat(right).float()
     return {"questions": len(right), "target_head0": float(target[:, 0].mean()), "target_head1": float(target[:, 1].mean()),
@@ -74,7 +76,7 @@ def match_logits(model, processor, n: int) -> dict[str, tuple[float, float]]:
             continue
         colour, shape = s["question"].split()[3:5]
         batch, ev, out = _forward(model, processor, [_question(s)])
-        logp = T.answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)[0]
+        logp = answer_attention(model, out.hidden_states, batch, ev["rows"], ev["positions"], LAYER)[0]
         image = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
         scene = s["scenes"][0]
         for i, obj in enumerate(scene["objects"]):
@@ -92,10 +94,10 @@ def _image_keys(model, processor, split: str, n: int, batch_size: int = 8):
         chunk = samples[start:start + batch_size]
         batch, _, out = _forward(model, processor, chunk)
         with torch.no_grad():
-            parts = T.image_keys(model, out.hidden_states, batch, model.config.image_token_id, LAYER)
+            parts = image_keys(model, out.hidden_states, batch, model.config.image_token_id, LAYER)
         for part, x in zip((keys, cos, sin), parts):
             part.append(x)
-        targets.append(T.attribute_targets([s["scenes"][0] for s in chunk]))
+        targets.append(attribute_targets([s["scenes"][0] for s in chunk]))
     return [torch.cat(x) for x in (keys, cos, sin, targets)]
 
 
@@ -108,10 +110,10 @@ def key_retrieval(model, processor, n_fit: int = 160, n_eval: int = 48, steps: i
     optimizer = torch.optim.Adam([queries], lr=0.05)
     for _ in range(steps):
         optimizer.zero_grad()
-        (-T.attribute_log_mass(*fit[:3], queries, fit[3], scaling)[fit[3].any(-1)].mean()).backward()
+        (-attribute_log_mass(*fit[:3], queries, fit[3], scaling)[fit[3].any(-1)].mean()).backward()
         optimizer.step()
     with torch.no_grad():
-        mass = T.attribute_log_mass(*held[:3], queries, held[3], scaling)
+        mass = attribute_log_mass(*held[:3], queries, held[3], scaling)
     colours, shapes = len(W.COLOR_CLASSES) - 1, len(W.SHAPES)
     spans = {"colour": slice(0, colours), "shape": slice(colours, colours + shapes), "letter": slice(colours + shapes, None)}
     out = {}
