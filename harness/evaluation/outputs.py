@@ -18,6 +18,11 @@ def _leaf_tasks(res: dict) -> list[str]:
     return [name for name in res["results"] if name not in groups]
 
 
+def summary_row(model: str, method: str, budget, task: str, metric: str, value) -> dict:
+    """One row of summary.csv (its columns: store.SUMMARY_COLUMNS), the budget as results name it."""
+    return dict(model=model, method=method, budget=budget_label(budget, method), task=task, metric=metric, value=value)
+
+
 def summary_rows(res: dict, model: str, method: str, budget) -> list[dict]:
     """Long-format rows of one cell: each leaf task's metrics (not stderr) and n_samples."""
     rows = []
@@ -29,12 +34,10 @@ def summary_rows(res: dict, model: str, method: str, budget) -> list[dict]:
             if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             name = metric if filt == "none" else key
-            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task, metric=name,
-                             value=float(value)))
+            rows.append(summary_row(model, method, budget, task, name, float(value)))
         n = (res.get("n-samples") or {}).get(task, {}).get("effective")
         if n is not None:
-            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task,
-                             metric="n_samples", value=int(n)))
+            rows.append(summary_row(model, method, budget, task, "n_samples", int(n)))
     return rows
 
 
@@ -76,8 +79,7 @@ def paired_rows(reference: dict, views: dict, model: str, method: str, budget) -
     rows = []
     for task, task_views in views.items():
         for metric, value in paired_metrics(reference.get(task, {}), task_views).items():
-            rows.append(dict(model=model, method=method, budget=budget_label(budget, method), task=task, metric=metric,
-                             value=float(value)))
+            rows.append(summary_row(model, method, budget, task, metric, float(value)))
     return rows
 
 

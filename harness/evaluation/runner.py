@@ -34,8 +34,8 @@ from harness.protocol import DEFAULT_MODEL, RunConfig  # noqa: E402
 
 from .grid import (RunError, budget_label, cells, check_budgets, parse_budgets, parse_params,  # noqa: E402,F401
                    resolve_methods, resolve_tasks)
-from .outputs import (format_table, jsonable, paired_rows, records_by_doc, sample_views, summary_rows,  # noqa: E402
-                      write_samples, write_summary)
+from .outputs import (format_table, jsonable, paired_rows, records_by_doc, sample_views, summary_row,  # noqa: E402
+                      summary_rows, write_samples, write_summary)
 from .store import STORE, SUMMARY, Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -229,8 +229,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
                     timed = lm.timings(task, config.timing_repeats)
                     measured.update(timed["medians"])
                     timing_spread[task] = timed
-                cell_rows += [dict(model=label, method=method, budget=budget_label(budget, method), task=task,
-                                   metric=metric, value=float(value)) for metric, value in measured.items()]
+                cell_rows += [summary_row(label, method, budget, task, metric, float(value))
+                              for metric, value in measured.items()]
             rows += cell_rows
             store.save_cell(key, run_id, determined_by, cell_rows,
                             [(task, doc, asdict(view), by_doc.get((task, doc), []))

@@ -149,3 +149,16 @@ class Store:
                 (key, run_id, determined_by["model"], determined_by["method"], determined_by["method_repr"],
                  str(determined_by["budget"]), json.dumps(determined_by, sort_keys=True, default=str),
                  json.dumps(rows), json.dumps(details or {}, default=str), datetime.now(timezone.utc).isoformat()))
+
+
+def compact(path: Path) -> None:
+    """Strip a store file down to what the regression checks read (correctness and answers): the
+    backend's records and the first-token distributions go, a few hundred kB remain."""
+    db = sqlite3.connect(path)
+    with db:
+        for rowid, view in db.execute("SELECT rowid, view FROM samples").fetchall():
+            v = json.loads(view)
+            v["dist"] = {}
+            db.execute("UPDATE samples SET view = ?, records = '[]' WHERE rowid = ?", (json.dumps(v), rowid))
+    db.execute("VACUUM")
+    db.close()

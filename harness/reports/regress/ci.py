@@ -4,14 +4,13 @@ it with the committed baseline, or remake that baseline (a compact copy of a fre
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
-import sqlite3
 import sys
 import tempfile
 from pathlib import Path
 
 from harness import protocol
+from harness.evaluation import store
 from harness.evaluation.runner import REPO_ROOT, RunError, run
 from harness.reports import run_folder
 
@@ -52,14 +51,7 @@ def compact_copy(run_dir: Path, dest: Path) -> None:
     tmp.chmod(0o755)  # mkdtemp makes it private; a committed folder is not
     shutil.copy(run_dir / run_folder.SUMMARY, tmp / run_folder.SUMMARY)
     shutil.copy(run_dir / run_folder.STORE, tmp / run_folder.STORE)
-    db = sqlite3.connect(tmp / run_folder.STORE)
-    with db:
-        for rowid, view in db.execute("SELECT rowid, view FROM samples").fetchall():
-            v = json.loads(view)
-            v["dist"] = {}
-            db.execute("UPDATE samples SET view = ?, records = '[]' WHERE rowid = ?", (json.dumps(v), rowid))
-    db.execute("VACUUM")
-    db.close()
+    store.compact(tmp / run_folder.STORE)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
