@@ -3,7 +3,8 @@
 `harness run` with no flags runs the default protocol (the testbed group, 30 test documents per task,
 budgets 192 / 128 / 64, batch 8, 5 timing repeats, seed 0). `harness run`, `harness leaderboard`
 (configs/leaderboard.yaml) and `harness regress --ci` (configs/regress_ci.yaml) all read their defaults
-here and their files through `load`, with one set of checks.
+here and their files (`harness run --config FILE`, the leaderboard's, the CI check's) through `load`,
+with one set of checks.
 """
 
 from __future__ import annotations

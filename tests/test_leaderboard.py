@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from harness import cli, protocol
+from harness.cli.run import config_from
 from harness.reports import leaderboard, run_folder
 
 METHODS = ("random", "uniform", "cls_attention")  # pre-LLM: FastV's layer 2 is past the tiny model's 2 layers
@@ -213,7 +214,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(case, tmp_path, capsys):
 
 def test_the_shipped_config_is_the_default_protocol():
     config = leaderboard.load_config(leaderboard.DEFAULT_CONFIG)
-    run_defaults = cli.build_parser().parse_args(["run"])
+    run_defaults = config_from(cli.build_parser().parse_args(["run"]))
     assert config.model is None  # the shipped testbed model
     assert config.tasks == ",".join(protocol.DEFAULT_TASKS)
     assert config.budgets == ",".join(map(str, protocol.DEFAULT_BUDGETS))

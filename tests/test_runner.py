@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from harness import cli
+from harness import cli, protocol
 from harness.evaluation import runner
 
 
@@ -321,14 +321,32 @@ def test_a_rerun_skips_finished_cells_and_an_interrupted_sweep_resumes(tiny_llav
 
 
 def test_limit_argument():
-    from harness import protocol
-    from harness.cli.run import limit
+    from harness.cli.run import config_from, limit
 
     assert limit("all") is None and limit("25") == 25 and limit("0.5") == 0.5
-    args = cli.build_parser().parse_args(["run"])
-    assert args.limit == protocol.DEFAULT_LIMIT  # the default protocol's documents per task
-    assert (args.batch_size, args.timing_repeats) == (protocol.DEFAULT_BATCH_SIZE, protocol.DEFAULT_TIMING_REPEATS)
-    assert protocol.RunConfig().batch_size == args.batch_size and protocol.RunConfig().limit == args.limit
+    config = config_from(cli.build_parser().parse_args(["run"]))
+    assert config.limit == protocol.DEFAULT_LIMIT  # the default protocol's documents per task
+    assert (config.batch_size, config.timing_repeats) == (protocol.DEFAULT_BATCH_SIZE, protocol.DEFAULT_TIMING_REPEATS)
+    assert config == protocol.RunConfig()
+    assert config_from(cli.build_parser().parse_args(["run", "--limit", "all"])).limit is None  # every document
+
+
+def test_a_protocol_file_runs_with_flags_overriding_it(tmp_path):
+    """`harness run --config FILE`: the file's protocol (the same loader as the leaderboard's and the CI
+    check's), every flag given on the command line over it."""
+    from harness.cli.run import config_from
+
+    path = tmp_path / "p.yaml"
+    path.write_text("methods: [random, fastv]\nbudgets: [64]\nlimit: 12\ntiming_repeats: 2\n")
+    parse = cli.build_parser().parse_args
+    config = config_from(parse(["run", "--config", str(path)]))
+    assert (config.methods, config.budgets, config.limit, config.timing_repeats) == ("random,fastv", "64", 12, 2)
+    assert config.tasks == "testbed" and config.batch_size == 8  # keys the file leaves out: the defaults
+    config = config_from(parse(["run", "--config", str(path), "--limit", "3", "--budgets", "32,16"]))
+    assert (config.limit, config.budgets, config.methods) == (3, "32,16", "random,fastv")
+    path.write_text("limits: 3\n")
+    with pytest.raises(protocol.ProtocolError, match="unknown key"):
+        config_from(parse(["run", "--config", str(path)]))
 
 
 def test_code_version_follows_the_code_results_depend_on(tmp_path):
