@@ -44,8 +44,8 @@ def check_budget(budget, tokens_per_image: int | None = None):
 
 def for_method(method, budget):
     """The budget `method` runs at: None for methods that take none (`none`, the adaptive codebook),
-    so their cell is one cell whatever the budgets say; else `budget`, checked."""
-    return check_budget(budget) if getattr(method, "uses_budget", True) else None
+    so their cell is one cell whatever the budgets say; else `budget` (its callers have checked it)."""
+    return budget if getattr(method, "uses_budget", True) else None
 
 
 def parse_budget(budget):

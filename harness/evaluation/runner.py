@@ -114,7 +114,8 @@ def _provenance(config: RunConfig, model_path: Path, fingerprint: dict, lm) -> d
 @contextlib.contextmanager
 def _refusing_bad_features(method: str, budget: str, out_dir: Path):
     """Non-finite visual features inside a cell stop the run with one line (a RunError); the cells
-    finished before it stay in the store and summary, so a rerun resumes after them."""
+    finished before it stay in the store and summary, so a rerun resumes after them. Any other error
+    surfaces as itself, not as the tenacity RetryError lmms-eval wraps it in (lmms_compat fix 7)."""
     from harness.adapters import NonFiniteFeatures
 
     try:
