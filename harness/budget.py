@@ -18,6 +18,17 @@ class BudgetError(InputError):
     """A budget that is not a number, or that no model / this model cannot take."""
 
 
+#: How a budget applies to an image of several parts (LLaVA-NeXT's base view and crops): split over them in
+#: proportion to their tokens ("image"), or given to each part ("part"). Video frames always get it each.
+BUDGET_SCOPES = ("image", "part")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in BUDGET_SCOPES:
+        raise BudgetError(f"budget_scope {scope!r} is not one of {', '.join(BUDGET_SCOPES)}")
+    return scope
+
+
 def accepted(tokens_per_image: int | None = None) -> str:
     """What a budget may be, in words, for the error messages."""
     count = f"1..{tokens_per_image}" if tokens_per_image is not None else "at least 1"
@@ -74,13 +85,15 @@ def parse_budgets(spec) -> list:
 
 
 def tokens_to_keep(budget, tokens_per_image: int) -> int:
-    """Tokens kept of one image of `tokens_per_image` tokens under `budget` (None keeps all)."""
-    check_budget(budget, tokens_per_image)
+    """Tokens kept of one image of `tokens_per_image` tokens under `budget` (None keeps all). A count above
+    the image's tokens keeps them all: where images differ in size (Qwen's dynamic resolution, a part of an
+    image) a count is capped per image; a family of one fixed count refuses it up front (`check_budget`)."""
+    check_budget(budget)
     if budget is None:
         return tokens_per_image
     if isinstance(budget, float):
         return max(1, min(tokens_per_image, round(budget * tokens_per_image)))
-    return budget
+    return min(budget, tokens_per_image)
 
 
 def budget_label(budget, adaptive: bool = False) -> str:

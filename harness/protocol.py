@@ -22,11 +22,14 @@ DEFAULT_LIMIT = 30  # test documents per task
 DEFAULT_BATCH_SIZE = 8  # answers do not depend on it (padded batches equal single runs, tested)
 DEFAULT_TIMING_REPEATS = 5  # timed repeats per cell and task in the timing pass; 0 skips it
 DEFAULT_DEVICE = "cpu"
+#: How a budget applies to an image of several parts (LLaVA-NeXT's base view and crops; harness.adapters.base):
+#: split over its parts in proportion ("image"), or given to each part ("part").
+DEFAULT_BUDGET_SCOPE = "image"  # harness.budget.BUDGET_SCOPES
 #: Fixed: the random method's seed and lmms-eval's seeds; decoding is greedy.
 SEED = 0
 #: The keys a protocol file may hold (a file may also name the ones its command adds, e.g. `baseline`).
 KEYS = ("model", "model_name", "tasks", "budgets", "limit", "seed", "methods", "timing_repeats", "batch_size",
-        "device", "dtype")
+        "device", "dtype", "budget_scope")
 
 
 class ProtocolError(InputError):
@@ -50,6 +53,7 @@ class RunConfig:
     dtype: str | None = None
     log_level: str | None = None
     timing_repeats: int = DEFAULT_TIMING_REPEATS
+    budget_scope: str = DEFAULT_BUDGET_SCOPE
     params: dict = field(default_factory=dict)  # per method: {"lofi": {"center": True}}
     extra: dict = field(default_factory=dict)
 
@@ -113,5 +117,6 @@ def load(path, extra_keys: tuple[str, ...] = ()) -> tuple[RunConfig, dict]:
                        budgets=_listing(data.get("budgets", list(DEFAULT_BUDGETS)), "budgets", path),
                        tasks=_listing(data.get("tasks", list(DEFAULT_TASKS)), "tasks", path),
                        model=None if model in (None, "testbed") else str(model), model_name=data.get("model_name"),
-                       limit=limit, device=str(data.get("device", DEFAULT_DEVICE)), dtype=data.get("dtype"), **ints)
+                       limit=limit, device=str(data.get("device", DEFAULT_DEVICE)), dtype=data.get("dtype"),
+                       budget_scope=str(data.get("budget_scope", DEFAULT_BUDGET_SCOPE)), **ints)
     return config, {k: data[k] for k in extra_keys if k in data}

@@ -1,18 +1,22 @@
 """Model adapters: where visual tokens are removed. One module per model family, chosen by the
 checkpoint config's `model_type` (`FAMILIES`); `prune(model, method, budget)` dispatches to it.
 
-Adding a family: a module here with a `prune` context manager (hooks only; see llava.py for the
-contract its tests hold) and an entry in `FAMILIES`.
+Adding a family: a module here whose `PruningRun` subclasses `base.PruningRun` (hooks only; it says
+where the family's visual tokens sit and what its vision tower knows) and an entry in `FAMILIES`.
 """
 
+import contextlib
+
+from harness.budget import BUDGET_SCOPES
 from harness.errors import InputError
 
-from . import llava
+from . import llava, llava_next, llava_onevision, qwen2_vl
+from .base import PruningRun
 from .checks import NonFiniteFeatures
-from .llava import PruningRun
 
 #: model_type (config.json) -> the adapter module of that family.
-FAMILIES = {"llava": llava}
+FAMILIES = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_vl,
+            "llava_onevision": llava_onevision}
 
 
 class UnsupportedModel(InputError):
@@ -27,10 +31,15 @@ def adapter_for(model):
     return FAMILIES[model_type]
 
 
-def prune(model, method, budget=None, record_ipr: bool = True, **params):
+@contextlib.contextmanager
+def prune(model, method, budget=None, record_ipr: bool = True, budget_scope: str = "image", **params):
     """Apply `method` (a registered name with `params`, or an instance) at `budget` to `model` for the
-    duration of a `with` block, through its family's adapter (hooks only; the model is unchanged after)."""
-    return adapter_for(model).prune(model, method, budget, record_ipr=record_ipr, **params)
+    duration of a `with` block, through its family's adapter (hooks only; the model is unchanged after).
+    `budget_scope`: how a budget applies to an image of several parts (`BUDGET_SCOPES`)."""
+    with adapter_for(model).PruningRun(model, method, budget, record_ipr=record_ipr, budget_scope=budget_scope,
+                                       **params) as run:
+        yield run
 
 
-__all__ = ["FAMILIES", "NonFiniteFeatures", "PruningRun", "UnsupportedModel", "adapter_for", "prune"]
+__all__ = ["BUDGET_SCOPES", "FAMILIES", "NonFiniteFeatures", "PruningRun", "UnsupportedModel", "adapter_for",
+           "prune"]

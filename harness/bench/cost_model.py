@@ -1,32 +1,40 @@
-"""LLaVA-1.5-7B's prefill cost on this machine, from its real layer shapes (`harness bench`).
+"""Real 7B models' prefill cost on this machine, from their real layer shapes (`harness bench`).
 
-The whole model (7B parameters) does not fit this CPU's time budget, but its cost is a sum over
-layers of identical shape. So a model of LLaVA-1.5-7B's exact widths (`LLAVA_15_7B`: CLIP ViT-L/14-336
-1024 wide, Llama 4096 wide with 32 heads and MLP 11008, vocabulary 32000) is built with only
-`VISION_LAYERS` ViT and `TEXT_LAYERS` decoder layers, random weights. Each method runs on it through
-the adapter, so its selection is timed on real-size inputs (576 tokens of width 4096, ViT-L's
-[CLS] attention). One decoder layer and one ViT layer are timed alone at the token counts the cell
-has, in turns with the cell's reduced prefill (`round_robin_ms`: this machine's speed drifts by up
-to 20% within a session, and a ratio of figures timed minutes apart would carry it). The full-depth
+A whole 7B model does not fit this CPU's time budget, but its cost is a sum over layers of identical
+shape. So a model of the real architecture's exact widths (LLaVA-1.5-7B: `LLAVA_15_7B`, CLIP ViT-L/14-336
+1024 wide, Llama 4096 wide with 32 heads and MLP 11008, vocabulary 32000; the others in
+harness.bench.architectures: LLaVA-NeXT-7B, Qwen2-VL-7B, Qwen2.5-VL-7B) is built with only a few ViT and
+decoder layers, random weights. Each method runs on it through the family's adapter, so its selection is
+timed on real-size inputs (576 tokens of width 4096 for LLaVA-1.5, ViT-L's [CLS] attention). One
+decoder layer and one ViT layer of each kind (Qwen2.5-VL: a windowed and a full-attention one) are timed
+alone, the ViT layer on the inputs it receives in the bench's prefill, the decoder layer at the token counts
+the cell has, in turns with the cell's reduced prefill (`round_robin_ms`: this machine's speed drifts by
+up to 20% within a session, and a ratio of figures timed minutes apart would carry it). The full-depth
 prefill is then
 
-    T_full = T_reduced + (24 - VISION_LAYERS) * t_vit + sum over decoder layers l >= TEXT_LAYERS of t_dec(n_l)
+    T_full = T_reduced + sum over ViT kinds of (full count - reduced count) * t_vit(kind)
+                       + sum over decoder layers l >= reduced depth of t_dec(n_l)
 
 where T_reduced is the reduced model's measured pruned prefill (embedding, projector, selection,
 hooks and LM head included) and n_l the tokens entering layer l (an in-LLM method's pruned count
 from its layer on). The unpruned T_full is built the same way from the pruned run's parts outside
-the layers. The predicted speedup uses the same depths: fvcore's count of the reduced vision part
-plus the analytic count of the extra ViT layers, and `flops.prefill_analytic` over all 32 decoder
-layers (the selection's own operations are not in the prediction: its time is in the realized one). These are extrapolations from measured layers, labelled as such, not an end-to-end run.
+the layers. The predicted speedup uses the same depths: the counted reduced vision part (fvcore or
+torch's counter, harness.metrics.flops) plus the analytic count of the missing ViT layers
+(`flops.vision_analytic` at full depth less at reduced depth), and `flops.prefill_analytic` over every
+decoder layer (the selection's own operations are not in the prediction: its time is in the realized one).
+These are extrapolations from measured layers, labelled as such, not an end-to-end run.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 import torch
 
 from harness.testbed import model as M
+
+from .architectures import ARCHITECTURES, Architecture
 
 LLAVA_15_7B = M.ModelDims(vision_hidden=1024, vision_layers=24, vision_heads=16, text_hidden=4096, text_layers=32,
                           text_heads=32, text_kv_heads=32, text_intermediate=11008)
@@ -36,14 +44,29 @@ TEXT_LAYERS = 3  # FastV's default K = 2 needs a layer after it
 NAME = "llava-1.5-7b (layer-extrapolated)"
 
 
-def reduced_model():
-    """LLaVA-1.5-7B's widths with VISION_LAYERS ViT and TEXT_LAYERS decoder layers, random weights."""
+def llava_15() -> Architecture:
+    """LLaVA-1.5-7B (read from `LLAVA_15_7B` and `VOCAB` when called): the testbed's LLaVA class and
+    processor (one 336 px image, 576 tokens; its token ids fit any vocabulary) at these widths."""
     import dataclasses
 
-    from .models import random_llava
+    from harness.testbed import tiny_families as TF
 
-    return random_llava(dataclasses.replace(LLAVA_15_7B, vision_layers=VISION_LAYERS, text_layers=TEXT_LAYERS),
-                        VOCAB)
+    def config(dims, vision_layers, text_layers, tokenizer):
+        shape = dataclasses.replace(dims["shape"], vision_layers=vision_layers, text_layers=text_layers)
+        config = M.build_config(shape, tokenizer)
+        config.text_config.vocab_size = dims["vocab"]
+        return config
+
+    return Architecture("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration",
+                        {"shape": LLAVA_15_7B, "vocab": VOCAB}, vision_layers=LLAVA_15_7B.vision_layers,
+                        text_layers=LLAVA_15_7B.text_layers, reduced=(VISION_LAYERS, TEXT_LAYERS), image=(336, 336),
+                        vision_blocks="model.vision_tower.encoder.layers",
+                        processor=lambda dims: M.build_processor(TF.llava_tokenizer()), config=config)
+
+
+def reduced_model(arch: Architecture | None = None):
+    """(model, processor): the architecture's widths (default LLaVA-1.5-7B) at its reduced depths, random weights."""
+    return (arch or llava_15()).build()
 
 
 def round_robin_ms(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -66,7 +89,7 @@ def decoder_layer(model, n: int, batch: int = 1):
     lm = model.model.language_model
     hidden = torch.randn(batch, n, lm.config.hidden_size)
     positions = torch.arange(n)[None]
-    rope = lm.rotary_emb(hidden, positions)
+    rope = lm.rotary_emb(hidden, positions)  # M-RoPE (Qwen) takes 1-D positions as its three rows
 
     @torch.no_grad()
     def run():
@@ -74,68 +97,109 @@ def decoder_layer(model, n: int, batch: int = 1):
     return run
 
 
-def vision_layer(model, batch: int = 1):
-    """A callable running one ViT layer on the 577 tokens of each of `batch` images."""
-    tower = model.model.vision_tower
-    tower = getattr(tower, "vision_model", tower)  # transformers 4.x nests the transformer one level down
-    hidden = torch.randn(batch, tower.embeddings.num_positions, tower.config.hidden_size)
+class _Recorded(Exception):
+    """Raised to stop a forward once the ViT layers' inputs are recorded."""
 
-    @torch.no_grad()
-    def run():
-        tower.encoder.layers[0](hidden, attention_mask=None)
-    return run
+
+def vision_layers(model, inputs, arch: Architecture) -> dict[str, object]:
+    """A callable per kind of ViT layer: the reduced model's first layer of that kind, run on what it
+    receives in the bench's prefill (its inputs recorded once: hidden states, position embeddings,
+    Qwen's attention segments), so each kind is timed on its real shape (views, windows)."""
+    blocks = model.get_submodule(arch.vision_blocks)
+    first: dict[str, int] = {}
+    for i in range(len(blocks)):
+        first.setdefault(arch.layer_kind(model.config, i), i)
+    seen: dict[int, tuple] = {}
+    handles = [blocks[i].register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: seen.setdefault(i, (args, kwargs)), with_kwargs=True)
+        for i in first.values()]
+
+    def stop(module, args, kwargs):  # the vision side has run: the language model is not needed
+        raise _Recorded
+
+    handles.append(model.model.language_model.register_forward_pre_hook(stop, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False, logits_to_keep=1)
+    except _Recorded:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def timer(i):
+        args, kwargs = seen[i]
+
+        @torch.no_grad()
+        def run():
+            blocks[i](*args, **kwargs)
+        return run
+    return {kind: timer(i) for kind, i in first.items()}
 
 
 def vision_layer_macs(n: int, d: int, m: int) -> int:
     """One ViT layer in multiply-accumulates: Q, K, V, O projections, attention, the 2-layer MLP."""
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    from harness.metrics.flops import vit_layer_macs
+
+    return vit_layer_macs([n], d, m)
 
 
-def bench(method_names, budgets, repeats: int, output, progress=None, batch: int = 1) -> list[dict]:
-    """Rows like `bench.bench_model`'s, for LLaVA-1.5-7B extrapolated from its layers (the codebook
-    methods with a random stand-in codebook of the shipped one's size, in `output`), on `batch`
-    identical rows (operations are counted for all of them, as times are measured)."""
+def bench(method_names, budgets, repeats: int, output, progress=None, batch: int = 1,
+          arch: Architecture | str | None = None) -> list[dict]:
+    """Rows like `bench.bench_model`'s, for a real architecture (default LLaVA-1.5-7B; else one of
+    `architectures.ARCHITECTURES` or an `Architecture`) extrapolated from its layers (the codebook methods
+    with a random stand-in codebook of the shipped one's size, in `output`), on `batch` identical rows
+    (operations are counted for all of them, as times are measured)."""
+    from harness.adapters import adapter_for
     from harness.metrics import flops
 
-    from .models import cells, codebook_params, prompt
+    from .models import cells, codebook_params
 
-    model, processor = reduced_model()
-    inputs = prompt(processor, batch)
+    arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch or llava_15()
+    name = f"{arch.name} (layer-extrapolated)"
+    model, processor = arch.build()
+    inputs = arch.prompt(processor, batch)
     grid = cells(model, method_names, budgets, codebook_params(model, method_names, output))
-    text_config = model.config.text_config
-    full = LLAVA_15_7B
-    n_image = model.config.image_seq_length
-    n_text = inputs["input_ids"].shape[1] - n_image
-    extra_vit_macs = batch * (full.vision_layers - VISION_LAYERS) * vision_layer_macs(
-        n_image + 1, full.vision_hidden, 4 * full.vision_hidden)
-    vision_ops = flops.count_forward(model, inputs, decode=False)["flops_vision"] + extra_vit_macs
-    full_config = text_config.__class__(**{**text_config.to_dict(), "num_hidden_layers": full.text_layers})
-    n_full = n_text + n_image
-    base_ops = vision_ops + batch * flops.prefill_analytic(full_config, [n_full] * full.text_layers)
-    vit = vision_layer(model, batch)
+    full_config = arch.full_config(processor.tokenizer)
+    run = adapter_for(model).PruningRun
+    paths = {"vision_module": run.vision_module, "projector_module": run.projector_module}
+    # The reduced model's vision counted, plus the missing ViT layers (full depth less reduced, analytic).
+    extra_vit = flops.vision_analytic(full_config, inputs) - flops.vision_analytic(model.config, inputs)
+    vision_ops = flops.count_forward(model, inputs, decode=False, **paths)["flops_vision"] + extra_vit
+    text_layers = full_config.text_config.num_hidden_layers
+    reduced_text = model.config.text_config.num_hidden_layers
+    n_full = inputs["input_ids"].shape[1]
+    base_ops = vision_ops + batch * flops.prefill_analytic(full_config.text_config, [n_full] * text_layers)
+    kinds_full = Counter(arch.layer_kind(full_config, i) for i in range(arch.vision_layers))
+    reduced_vit = len(model.get_submodule(arch.vision_blocks))
+    kinds_reduced = Counter(arch.layer_kind(model.config, i) for i in range(reduced_vit))
+    vits = vision_layers(model, inputs, arch)
     rows = []
     for method, budget, scope in grid:
         per_layer = flops.tokens_per_layer(model, inputs, scope)
-        per_layer_full = per_layer + [per_layer[-1]] * (full.text_layers - len(per_layer))
+        per_layer_full = per_layer + [per_layer[-1]] * (text_layers - len(per_layer))
         selection = []
 
-        def pruned_prefill():
+        def pruned_prefill(scope=scope, selection=selection):
             with torch.no_grad(), scope() as run:
                 model(**inputs, use_cache=True, logits_to_keep=1)
             selection.append(1000 * run.selection_seconds)
 
-        # The cell's parts, timed in turns: its reduced prefill, one ViT layer, one decoder layer at
-        # every token count its layers see and at the unpruned count.
-        parts = {"prefill": pruned_prefill, "vit": vit} | {n: decoder_layer(model, n, batch) for n in {n_full, *per_layer_full}}
+        # The cell's parts, timed in turns: its reduced prefill, one ViT layer of each kind, one decoder
+        # layer at every token count its layers see and at the unpruned count.
+        parts = {"prefill": pruned_prefill} | {("vit", k): fn for k, fn in vits.items()} | \
+            {n: decoder_layer(model, n, batch) for n in {n_full, *per_layer_full}}
         med = {k: statistics.median(v) for k, v in round_robin_ms(parts, repeats).items()}
         sel = statistics.median(selection[1:])  # less the warm-up's
-        outside = med["prefill"] - sum(med[n] for n in per_layer) - VISION_LAYERS * med["vit"] - sel
-        pruned_full = med["prefill"] + (full.vision_layers - VISION_LAYERS) * med["vit"] + \
-            sum(med[n] for n in per_layer_full[TEXT_LAYERS:])
-        plain_full = outside + full.vision_layers * med["vit"] + full.text_layers * med[n_full]
-        ops = vision_ops + batch * flops.prefill_analytic(full_config, per_layer_full)
+        vit_reduced = sum(count * med["vit", k] for k, count in kinds_reduced.items())
+        outside = med["prefill"] - sum(med[n] for n in per_layer) - vit_reduced - sel
+        pruned_full = med["prefill"] + sum((kinds_full[k] - kinds_reduced[k]) * med["vit", k] for k in kinds_full) + \
+            sum(med[n] for n in per_layer_full[reduced_text:])
+        plain_full = outside + sum(count * med["vit", k] for k, count in kinds_full.items()) + \
+            text_layers * med[n_full]
+        ops = vision_ops + batch * flops.prefill_analytic(full_config.text_config, per_layer_full)
         realized, predicted = plain_full / pruned_full, base_ops / ops
-        rows.append({"model": NAME, "method": method, "budget": budget, "batch": batch,
+        rows.append({"model": name, "method": method, "budget": budget, "batch": batch,
                      "selection_ms": sel, "prefill_ms": pruned_full, "prefill_ms_unpruned": plain_full,
                      "selection_share": sel / pruned_full,
                      "speedup_realized": realized, "speedup_predicted": predicted,
@@ -144,4 +208,3 @@ def bench(method_names, budgets, repeats: int, output, progress=None, batch: int
         if progress:
             progress(rows[-1])
     return rows
-

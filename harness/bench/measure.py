@@ -1,10 +1,12 @@
 """`harness bench`: what each method costs and saves, measured side by side in one process.
 
 For every method at each budget, on one prompt (a testbed colour question, one image; `batch`
-identical rows of it when asked, as a server prefilling several requests at once would), on three
-models: the shipped testbed model, and a random-weight model of the LLaVA-1.5 architecture scaled
-to fit a CPU (`SCALED_LLAVA`: CLIP ViT 336/14 with 576 patch tokens, 2-layer GELU projector, Llama
-decoder with LLaVA-1.5-7B's proportions). Printed and written to `bench.csv` (+ `bench.png`):
+identical rows of it when asked, as a server prefilling several requests at once would), on the
+models of `MODELS`: end to end, the shipped testbed model and a random-weight model of the LLaVA-1.5
+architecture scaled to fit a CPU (`SCALED_LLAVA`: CLIP ViT 336/14 with 576 patch tokens, 2-layer GELU
+projector, Llama decoder with LLaVA-1.5-7B's proportions); extrapolated from their real-size layers
+(harness.bench.cost_model), LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2-VL-7B and Qwen2.5-VL-7B
+(harness.bench.architectures). Printed and written to `bench.csv` (+ `bench.png`):
 
   selection_share     selection time / pruned prefill time (time to first token)
   speedup_realized    unpruned prefill time / pruned prefill time, the two timed alternately
@@ -27,11 +29,22 @@ from pathlib import Path
 
 from harness.testbed import model as M
 
-from .models import SCALED_LLAVA, SCALED_VOCAB, cells, codebook_params, prompt, scaled_llava
+from .architectures import ARCHITECTURES
+from .models import (
+    SCALED_LLAVA,
+    SCALED_VOCAB,
+    cells,
+    codebook_params,
+    prompt,
+    scaled_llava,
+)
 
-MODELS = ("testbed", "scaled-llava-1.5", "llava-1.5-7b")
+#: end to end, then extrapolated from real-size layers (harness.bench.cost_model)
+MODELS = ("testbed", "scaled-llava-1.5", "llava-1.5-7b", *ARCHITECTURES)
 BUDGETS = (192, 128, 64)
-TOKENS_PER_IMAGE = 576  # every bench model reads one 336 px image in 14 px patches: the largest budget
+#: the largest budget every bench model can take: 576 visual tokens an image (LLaVA-1.5 and Qwen at the
+#: bench's 672 px image; LLaVA-NeXT's 2880 are more)
+TOKENS_PER_IMAGE = 576
 
 
 def bench_model(name, model, processor, method_names, budgets=BUDGETS, repeats=5, params=None, progress=None,
@@ -88,6 +101,12 @@ def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MOD
                 f"{cost_model.VISION_LAYERS} ViT and {cost_model.TEXT_LAYERS} decoder layers (harness.bench.cost_model)")
             rows += cost_model.bench(method_names, budgets, repeats, output, progress=lambda row: bar.update(1),
                                      batch=batch)
+        elif name in ARCHITECTURES:
+            from . import cost_model
+
+            say(f"{ARCHITECTURES[name].describe()} (harness.bench.architectures, cost_model)")
+            rows += cost_model.bench(method_names, budgets, repeats, output, progress=lambda row: bar.update(1),
+                                     batch=batch, arch=name)
         else:
             if name == "testbed":
                 model = LlavaForConditionalGeneration.from_pretrained(M.CHECKPOINT).eval()

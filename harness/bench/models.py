@@ -59,16 +59,22 @@ def prompt(processor, batch: int = 1):
                      text=[M.format_prompt(sample["question"])] * batch, return_tensors="pt")
 
 
-def cells(model, method_names, budgets, params=None) -> list[tuple]:
-    """(method, budget, pruning scope factory) for each budgeted method; every method is validated
-    first, so one that cannot run on this model stops the bench before any timing."""
+def cells(model, method_names, budgets, params=None, say=print) -> list[tuple]:
+    """(method, budget, pruning scope factory) for each budgeted method; every method is checked first
+    (its own validation and the family adapter's `check`), so one that cannot run on this model stops
+    the bench before any timing. A method the family refuses outright (it lacks what the method reads:
+    Qwen and OneVision have no [CLS] for cls_attention) is left out, and `say` says so."""
     import methods as registry
-    from harness.adapters import prune
+    from harness.adapters import adapter_for, prune
 
     params = params or {}
+    run = adapter_for(model).PruningRun
     instances = {m: registry.get(m, **params.get(m, {})) for m in method_names}
+    for name in [m for m in instances if m in run.refusals]:
+        say(f"{model.config.model_type}: {name} left out: {run.refusals[name]}")
+        del instances[name]
     for method in instances.values():
-        method.validate(model.config)
+        run.check(method, model.config)
     return [(m, b, lambda inst=inst, b=b: prune(model, inst, b, record_ipr=False))
             for m, inst in instances.items() if inst.uses_budget for b in budgets]
 

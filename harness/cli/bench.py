@@ -33,8 +33,9 @@ def add_parser(sub) -> None:
     bench.add_argument("--budgets", default="192,128,64")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per quantity (median reported)")
     bench.add_argument("--models", default="testbed,scaled-llava-1.5,llava-1.5-7b",
-                       help="comma list of testbed, scaled-llava-1.5 (end to end) and llava-1.5-7b "
-                            "(extrapolated from its real-size layers, harness.bench.cost_model)")
+                       help="comma list of testbed, scaled-llava-1.5 (end to end) and llava-1.5-7b, "
+                            "llava-next-7b, qwen2-vl-7b, qwen2.5-vl-7b (extrapolated from their real-size "
+                            "layers, harness.bench.cost_model)")
     bench.add_argument("--batch-size", dest="batch_size", type=int, default=1,
                        help="identical prompts prefilled together (1: one request; `harness run` batches 8)")
     bench.add_argument("--output", default="runs/bench", help="folder for bench.csv and bench.png")

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from harness import protocol
+from harness.budget import BUDGET_SCOPES
 
 
 def limit(text: str):
@@ -49,9 +50,13 @@ def add_parser(sub) -> None:
     run.add_argument("--budgets", default=argparse.SUPPRESS,
                      help="comma list of visual-token budgets (ints: tokens kept; floats: fraction); ignored for none")
     run.add_argument("--tasks", default=argparse.SUPPRESS,
-                     help="comma list of tasks or groups (default: the testbed group)")
+                     help="comma list of tasks or groups: the testbed's (tasks/), or lmms-eval's by name, e.g. "
+                          "gqa, pope, textvqa_val, mme, scienceqa_img, mmbench_en_dev, videomme (default: the "
+                          "testbed group)")
     run.add_argument("--model", default=argparse.SUPPRESS,
-                     help="LLaVA checkpoint folder (default: the shipped testbed model, harness/testbed/checkpoint)")
+                     help="checkpoint folder, or Hugging Face model id in the local cache (e.g. "
+                          "llava-hf/llava-1.5-7b-hf); the family comes from its config (default: the shipped testbed "
+                          "model, harness/testbed/checkpoint)")
     run.add_argument("--model-name", dest="model_name", default=argparse.SUPPRESS,
                      help="label in summary.csv (default: testbed, or the folder name)")
     run.add_argument("--limit", type=limit, default=argparse.SUPPRESS,
@@ -67,6 +72,9 @@ def add_parser(sub) -> None:
     run.add_argument("--timing-repeats", dest="timing_repeats", type=int, default=argparse.SUPPRESS,
                      help=f"timed repeats per cell and task in the timing pass (0 skips it; default "
                           f"{protocol.DEFAULT_TIMING_REPEATS})")
+    run.add_argument("--budget-scope", dest="budget_scope", choices=BUDGET_SCOPES, default=argparse.SUPPRESS,
+                     help="an image of several parts (LLaVA-NeXT / OneVision: base view and crops): split the budget "
+                          "over them in proportion (image, the default) or give it to each part (part)")
     run.add_argument("--params", action="append", metavar="METHOD:KEY=VALUE[;KEY=VALUE]",
                      help="a method's parameters, e.g. --params 'lofi:center=true' (repeatable)")
     run.set_defaults(func=_run, prog_name="harness run")

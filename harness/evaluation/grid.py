@@ -1,5 +1,12 @@
 """The grid of a run: methods with their parameters, budgets and tasks, parsed and checked before any
-work (what no model accepts when read; what this model cannot take right after it loads)."""
+work (what no model accepts when read; what this model cannot take right after it loads).
+
+Tasks are the testbed's (our tasks/ folder) and lmms-eval's own by name: the standard ones in
+`STANDARD_TASKS` index only their folder; any other lmms-eval task, group or tag, the folders whose YAML names
+it (all of lmms-eval's where that is not enough). Offline, a task whose Hugging Face dataset is not in the
+local datasets cache stops the run before the model loads, in one line saying what to download and how
+(`check_task_data`).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""lmms-eval model backend for Hugging Face LLaVA-class checkpoints (``LlavaForConditionalGeneration``).
+"""lmms-eval model backend for Hugging Face multimodal checkpoints of every family the harness takes
+(``harness.evaluation.model_args.MODEL_CLASSES``: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision),
+from a local folder or a model id in the local Hugging Face cache.
 
-Registered as ``vtp_llava`` through the ``lmms_eval.models`` entry point (``harness.evaluation.lmms_plugin``), so
+Registered as ``vtp_llava`` (alias ``vtp``) through the ``lmms_eval.models`` entry point
+(``harness.evaluation.lmms_plugin``), so
 
     lmms-eval eval --model vtp_llava --model_args pretrained=PATH,method=none --tasks ... --include_path tasks
 
@@ -8,7 +11,9 @@ works, and ``harness run`` passes an instance to ``simple_evaluate`` (the model 
 reconfigured per method/budget with :meth:`VTPLlava.configure`).
 
 Protocol: "simple" (``is_simple = True``), so ``multiple_choice`` tasks work. Requests carry a
-``doc_id``; visuals come from ``doc_to_visual(self.task_dict[task][split][doc_id])``.
+``doc_id``; visuals come from ``doc_to_visual(self.task_dict[task][split][doc_id])``: images, and for the
+families that take them (Qwen2-VL, Qwen2.5-VL, OneVision) videos as lists of frames or video files, decoded
+with PyAV into ``video_frames`` frames (model_arg, default 8; harness.evaluation.inputs).
 
 * ``generate_until``: greedy, batched (``batch_size``) with left padding; honours ``max_new_tokens``
   and ``until`` (the text is cut at the first stop string). Returns ``GenerationResult`` with token
@@ -44,10 +49,10 @@ from tqdm import tqdm  # noqa: E402
 
 import methods  # noqa: E402
 from harness.adapters import NonFiniteFeatures, prune  # noqa: E402
-from harness.budget import budget_label, check_budget, for_method, parse_budget  # noqa: E402
+from harness.budget import budget_label, check_budget, check_scope, for_method, parse_budget  # noqa: E402
 
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
-from .inputs import Inputs, doc_label, stop_at  # noqa: E402
+from .inputs import DEFAULT_VIDEO_FRAMES, Inputs, doc_label, is_video, parse_video_frames, stop_at  # noqa: E402
 from .model_args import CheckpointError, check_pretrained  # noqa: E402,F401
 from .model_args import parse_batch_size, resolve_device, resolve_dtype  # noqa: E402
 from .scoring import Scoring  # noqa: E402
@@ -62,7 +67,8 @@ class VTPLlava(Inputs, Scoring, lmms):
 
     def __init__(self, pretrained: str | None = None, device: str | None = "cpu", dtype=None, batch_size=1,
                  method: str = "none", budget=None, max_new_tokens: int = 32, top_k_logprobs: int = 20,
-                 image_cache_mb: int = 1536, **kwargs) -> None:
+                 image_cache_mb: int = 1536, budget_scope: str = "image", video_frames=DEFAULT_VIDEO_FRAMES,
+                 **kwargs) -> None:
         super().__init__()
         # The evaluator always passes batch_size/max_batch_size/device (the latter two possibly
         # None-filtered); anything else is a typo worth a warning, not a crash.
@@ -70,16 +76,23 @@ class VTPLlava(Inputs, Scoring, lmms):
         # Anything else is a parameter of the method (`method=fastv,layer=2`); methods.get rejects
         # a name the method does not have, listing the ones it accepts.
         self.method_params = kwargs
+        self.budget_scope = check_scope(budget_scope)  # an image of several parts: split the budget, or per part
         self.pretrained = check_pretrained(pretrained)
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = parse_batch_size(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.top_k_logprobs = int(top_k_logprobs)
+        self.video_frames = parse_video_frames(video_frames)  # frames sampled from a video file (inputs.py)
 
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        # The family is the config's model_type (check_pretrained accepted it): its transformers class, and
+        # its processor through the harness's one loader (stand-ins where transformers lacks torchvision).
+        from harness.adapters.processing import load_processor
 
-        self._processor = AutoProcessor.from_pretrained(self.pretrained)
+        from .model_args import model_class, model_type_of
+
+        self.model_type = model_type_of(self.pretrained)
+        self._processor = load_processor(self.pretrained)
         # The documents' images and pixels, kept across cells (harness.evaluation.image_cache): a quarter of
         # the budget for the images, the rest for their pixel tensors.
         cache_bytes = max(0, int(image_cache_mb)) * 2 ** 20
@@ -87,13 +100,16 @@ class VTPLlava(Inputs, Scoring, lmms):
         if cache_bytes and hasattr(self._processor, "image_processor"):
             self._processor.image_processor = CachedImageProcessor(self._processor.image_processor,
                                                                    cache_bytes - cache_bytes // 4)
-        self._model = LlavaForConditionalGeneration.from_pretrained(self.pretrained, dtype=self._dtype)
+        self._model = model_class(self.model_type).from_pretrained(self.pretrained, dtype=self._dtype)
         self._model.to(self._device).eval()
         config = self._model.config
         self.image_token_id = getattr(config, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = config.image_token_index
         self.image_token = getattr(self._processor, "image_token", "<image>")
+        # the video placeholder and its id: None for the image-only families (Inputs.takes_video)
+        self.video_token = getattr(self._processor, "video_token", None)
+        self.video_token_id = getattr(config, "video_token_id", None)
         tok = self.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_token_id = tok.eos_token_id
@@ -102,7 +118,7 @@ class VTPLlava(Inputs, Scoring, lmms):
         #: after the reference cell), generation also records `teacher_forced_nll`: the summed NLL of
         #: the unpruned answer under the current method.
         self.reference_answers: dict[tuple, list[int]] = {}
-        #: per task, the prompt and images of its first request: the input the FLOPs are counted on
+        #: per task, the prompt and visuals of its first request: the input the FLOPs are counted on
         self.example_prompts: dict[str, tuple] = {}
         self._warned_sampling = False
         self.configure(method, budget)
@@ -118,10 +134,16 @@ class VTPLlava(Inputs, Scoring, lmms):
         self.method = methods.get(method, **self.method_params) if isinstance(method, str) else method
         self.budget = for_method(self.method, check_budget(parse_budget(budget), self.tokens_per_image))
 
+    def check_method(self, method) -> None:
+        """A one-line ValueError when `method` cannot run on this model (harness.adapters: the method's own
+        check, then what it needs that the model's family lacks)."""
+        self._adapter.check(method, self._model.config)
+
     @property
-    def tokens_per_image(self) -> int:
-        """Visual tokens of one image: the largest integer budget this model takes."""
-        return self._model.config.image_seq_length
+    def tokens_per_image(self) -> int | None:
+        """Visual tokens of one image: the largest integer budget this model takes; None where the count
+        varies per image (LLaVA-NeXT's crops, Qwen's dynamic resolution: a count is capped per image)."""
+        return self._adapter.tokens_per_image(self._model.config)
 
     @property
     def method_name(self) -> str:
@@ -134,18 +156,20 @@ class VTPLlava(Inputs, Scoring, lmms):
     def __str__(self) -> str:
         # Part of the response-cache key (``f"{model}|{model_args}"``): it must name everything
         # that changes outputs, and no object address, so cached entries match across processes.
-        return f"vtp_llava(pretrained={self.pretrained}, method={self.method!r}, budget={self.budget})"
+        frames = f", video_frames={self.video_frames}" if self.takes_video else ""  # it changes video inputs
+        return (f"vtp_llava(pretrained={self.pretrained}, method={self.method!r}, budget={self.budget}, "
+                f"budget_scope={self.budget_scope}{frames})")
 
     __repr__ = __str__
 
     @contextlib.contextmanager
     def _pruning_applied(self, record_ipr: bool = True):
-        """The method's hooks around one batch (the LLaVA adapter); None for the unpruned model,
+        """The method's hooks around one batch (the model family's adapter); None for the unpruned model,
         which runs without any hook."""
         if isinstance(self.method, methods.NoPruning):
             yield None
             return
-        with prune(self._model, self.method, self.budget, record_ipr=record_ipr) as run:
+        with prune(self._model, self.method, self.budget, record_ipr=record_ipr, budget_scope=self.budget_scope) as run:
             yield run
 
     def _measuring(self):
@@ -153,17 +177,20 @@ class VTPLlava(Inputs, Scoring, lmms):
 
     @staticmethod
     @contextlib.contextmanager
-    def _naming_documents(images: list[list], labels: list[str]):
-        """A NonFiniteFeatures error inside names the document its image came from (`images`: each
-        row's images, in the order the adapter numbers them; `labels`: each row's document)."""
+    def _naming_documents(visuals: list[list], labels: list[str]):
+        """A NonFiniteFeatures error inside names the document its image or video came from (`visuals`: each
+        row's visuals, images and videos in the order the adapter numbers them; `labels`: each row's document)."""
         try:
             yield
         except NonFiniteFeatures as err:
             first = 0
-            for row_images, label in zip(images, labels):
-                if err.image < first + len(row_images):
-                    raise err.at(f"{label}, image {err.image - first} of the document") from None
-                first += len(row_images)
+            for row, label in zip(visuals, labels):
+                if err.image < first + len(row):
+                    i = err.image - first
+                    what = f"visual {i} of the document (a video)" if is_video(row[i]) else \
+                        f"image {i} of the document"
+                    raise err.at(f"{label}, {what}") from None
+                first += len(row)
             raise
 
 
@@ -199,27 +226,31 @@ class VTPLlava(Inputs, Scoring, lmms):
 
     def flops(self, task: str) -> dict[str, int]:
         """Operation counts of the current method and budget on the task's first prompt (the
-        generation prompt; see harness.metrics.flops): fvcore counts and the analytic prefill."""
+        generation prompt; see harness.metrics.flops): counted (fvcore, or torch's counter where fvcore
+        cannot trace the family) and the analytic prefill."""
         from harness.metrics import flops
 
-        prompt, images = self.example_prompts[task]
-        inputs = self._encode([prompt], [images])
-        with self._naming_documents([images], [f"task {task}'s first prompt (operation count)"]):
-            counts = flops.count_forward(self._model, inputs, self._measuring)
+        prompt, visuals = self.example_prompts[task]
+        inputs = self._encode([prompt], [visuals])
+        family = self._adapter
+        with self._naming_documents([visuals], [f"task {task}'s first prompt (operation count)"]):
+            counts = flops.count_forward(self._model, inputs, self._measuring, vision_module=family.vision_module,
+                                         projector_module=family.projector_module)
             per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
         counts.pop("torch_comparable")
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
-        counts["equivalent_tokens"] = flops.equivalent_tokens(per_layer, inputs["input_ids"], self.image_token_id,
-                                                             self._model.config.image_seq_length)
+        counts["equivalent_tokens"] = flops.equivalent_tokens(
+            per_layer, inputs["input_ids"].shape[1], visual_tokens=sum(family.visual_tokens_per_row(self._model, inputs)),
+            images=self._budget_units(visuals, inputs))  # per image or video frame, what a budget applies to
         return counts
 
     def timings(self, task: str, repeats: int = 5) -> dict:
         """The timing pass (harness.metrics.timing) of the current method and budget on the task's first prompt."""
         from harness.metrics.timing import time_cell
 
-        prompt, images = self.example_prompts[task]
-        with self._naming_documents([images], [f"task {task}'s first prompt (timing pass)"]):
-            return time_cell(self._model, self._encode([prompt], [images]), self._measuring, repeats=repeats)
+        prompt, visuals = self.example_prompts[task]
+        with self._naming_documents([visuals], [f"task {task}'s first prompt (timing pass)"]):
+            return time_cell(self._model, self._encode([prompt], [visuals]), self._measuring, repeats=repeats)
 
     def pop_records(self) -> dict[tuple, dict]:
         """The per-request records so far, and start afresh."""
@@ -237,7 +268,8 @@ class VTPLlava(Inputs, Scoring, lmms):
         return (req.task_name, req.doc_id, req.idx)
 
     def _record_base(self, req, request_type: str) -> dict:
-        return {"request_type": request_type, "method": repr(self.method), "budget": self.budget}
+        return {"request_type": request_type, "method": repr(self.method), "budget": self.budget,
+                "budget_scope": self.budget_scope}
 
 
     # ------------------------------------------------------------------ generation
@@ -260,8 +292,8 @@ class VTPLlava(Inputs, Scoring, lmms):
         prepared = []
         for i, req in enumerate(requests):
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]
-            images = self._visuals(doc_to_visual, doc_id, task, split)
-            prepared.append((self.build_prompt(ctx, len(images)), images, gen_kwargs))
+            visuals = self._visuals(doc_to_visual, doc_id, task, split)  # images, and videos as frame lists
+            prepared.append((self.build_prompt(ctx, visuals), visuals, gen_kwargs))
             self.example_prompts.setdefault(task, prepared[-1][:2])
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
         with tqdm(total=len(requests), desc=f"generate [{self.method_name}, budget {self._budget_label}]",
@@ -285,7 +317,7 @@ class VTPLlava(Inputs, Scoring, lmms):
     def _generate_batch_unnamed(self, items, reqs, max_new_tokens: int, until) -> list:
         inputs = self._encode([p for p, _, _ in items], [ims for _, ims, _ in items], padding_side="left")
         n_in = inputs["input_ids"].shape[1]
-        visual_in = self._visual_counts(inputs["input_ids"])
+        visual_in = self._visual_counts(inputs)
         with self._pruning_applied() as run:
             out = self._model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                        temperature=None, top_p=None, top_k=None,
@@ -293,7 +325,7 @@ class VTPLlava(Inputs, Scoring, lmms):
                                        return_dict_in_generate=True, output_logits=True)
         sequences = out.sequences[:, n_in:].tolist()
         first_logits = out.logits[0] if out.logits else None
-        kept, delta_ipr = self._per_row(run, inputs["input_ids"])
+        kept, delta_ipr = self._per_row(run, inputs)
         teacher_nll = self._teacher_forced_nll(items, [self.reference_answers.get(self._key(r)) for r in reqs],
                                                sequences, out.logits)
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
@@ -330,10 +362,10 @@ class VTPLlava(Inputs, Scoring, lmms):
         groups: dict[tuple, list] = {}
         for i, req in enumerate(requests):
             ctx, continuation, doc_to_visual, doc_id, task, split = req.args[:6]
-            images = self._visuals(doc_to_visual, doc_id, task, split)
+            images = self._visuals(doc_to_visual, doc_id, task, split)  # images, and videos as frame lists
             if callable(continuation):  # output_type: loglikelihood passes doc_to_target
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            prompt = self.build_prompt(ctx, len(images))
+            prompt = self.build_prompt(ctx, images)
             self.example_prompts.setdefault(task, (prompt, images))
             ids = self.tokenizer(str(continuation), add_special_tokens=False)["input_ids"]
             groups.setdefault((task, split, doc_id, prompt), [prompt, images, []])[2].append(

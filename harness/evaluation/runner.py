@@ -2,8 +2,9 @@
 
 The model is loaded once (one :class:`harness.evaluation.lmms_backend.VTPLlava`), reconfigured per
 (method, budget) cell and handed to ``lmms_eval.evaluator.simple_evaluate`` as an instance, with a
-``TaskManager`` that indexes only our ``tasks/`` folder. The response cache is never enabled (it
-could serve one cell's answers to another, see ``harness.evaluation.lmms_compat``).
+``TaskManager`` that indexes our ``tasks/`` folder and the folders of the lmms-eval tasks asked
+(``harness.evaluation.grid``). The response cache is never enabled (it could serve one cell's answers to
+another, see ``harness.evaluation.lmms_compat``).
 
 Outputs, under ``--output DIR``:
 
@@ -29,6 +30,7 @@ from dataclasses import asdict  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from harness.budget import check_scope  # noqa: E402
 from harness.metrics.consistency import SampleView  # noqa: E402  (light: numpy)
 from harness.protocol import DEFAULT_MODEL, RunConfig  # noqa: E402
 
@@ -37,11 +39,14 @@ from .grid import (RunError, budget_label, cells, check_budgets, parse_budgets, 
 from .outputs import (format_table, jsonable, paired_rows, records_by_doc, sample_views, summary_row,  # noqa: E402
                       summary_rows, write_samples, write_summary)
 from .store import STORE, SUMMARY, Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
+from .task_sources import check_task_data, task_manager_for, video_tasks  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_model(path: str | None) -> Path:
+    """The checkpoint folder of `--model` (a folder, or a model id's snapshot in the local Hugging Face cache;
+    the testbed model when None), or a RunError line on what is wrong and how to get it, before anything loads."""
     from .model_args import CheckpointError, check_pretrained
 
     if path is None:
@@ -54,8 +59,6 @@ def resolve_model(path: str | None) -> Path:
                 f"the testbed model is not at {DEFAULT_MODEL}: train it with "
                 f"`harness testbed train --output {rel}` (from the repository root), or pass --model PATH")
         path = str(DEFAULT_MODEL)
-    elif not Path(path).expanduser().exists():
-        raise RunError(f"model not found: {path} does not exist (pass --model PATH to a LLaVA checkpoint folder)")
     try:
         return Path(check_pretrained(path))
     except CheckpointError as e:
@@ -63,9 +66,14 @@ def resolve_model(path: str | None) -> Path:
 
 
 def model_label(path: Path, name: str | None) -> str:
+    from .model_args import hub_id_of
+
     if name:
         return name
-    return "testbed" if path.resolve() == DEFAULT_MODEL.resolve() else path.name
+    if path.resolve() == DEFAULT_MODEL.resolve():
+        return "testbed"
+    hub_id = hub_id_of(path)  # a snapshot folder is named by its commit: the model's name is the id's
+    return hub_id.split("/")[-1] if hub_id else path.name
 
 
 # ----------------------------------------------------------------------------- the run
@@ -139,6 +147,10 @@ def run(config: RunConfig, out=None) -> list[dict]:
     if "none" not in method_names:  # every pruned cell is compared with the unpruned reference
         method_names = ["none"] + method_names
     budgets = parse_budgets(config.budgets)
+    try:
+        check_scope(config.budget_scope)
+    except ValueError as e:
+        raise RunError(f"--budget-scope: {e}") from None
     grid = cells(method_names, budgets)
     tasks = resolve_tasks(config.tasks)
     model_path = resolve_model(config.model)
@@ -158,14 +170,21 @@ def run(config: RunConfig, out=None) -> list[dict]:
     import methods as methods_registry
     from harness.testbed.data import TASKS_DIR
 
-    from .lmms_backend import VTPLlava
+    task_manager = task_manager_for(tasks, TASKS_DIR)  # ours and lmms-eval's standard tasks, by name
+    check_task_data(task_manager, tasks)  # offline: their datasets are here, or one line on what to download
+    videos = video_tasks(task_manager, tasks)
+    if videos:  # video files need a reader and a family that takes videos: say so before the model loads
+        from .inputs import check_takes_video, check_video_reader
+        from .model_args import model_type_of
 
-    task_manager = lmms_compat.task_manager(TASKS_DIR)
-    known = set(task_manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        listed = ", ".join(sorted(n for n in known if not n.startswith("_")))
-        raise RunError(f"unknown task(s) {', '.join(map(repr, unknown))}; tasks in {TASKS_DIR}: {listed}")
+        what = f"task(s) {', '.join(videos)}"
+        try:
+            check_video_reader(what)
+            check_takes_video(model_type_of(str(model_path)), what)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+
+    from .lmms_backend import VTPLlava
 
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Store(out_dir / STORE)
@@ -176,28 +195,36 @@ def run(config: RunConfig, out=None) -> list[dict]:
     started = time.perf_counter()
     try:
         lm = VTPLlava(pretrained=str(model_path), device=config.device, dtype=config.dtype,
-                      batch_size=config.batch_size, **config.extra)
+                      batch_size=config.batch_size, budget_scope=config.budget_scope, **config.extra)
     except ValueError as e:  # bad device/dtype/batch size
         raise RunError(str(e)) from None
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
     check_budgets(budgets, lm.tokens_per_image)  # what this model cannot take, before the first cell
-    # Each method once, with its parameters (they reach its repr, the cell key and the records); one
-    # that cannot run on this model stops the run now.
-    instances = {}
+    # Each method once, with its parameters (they reach its repr, the cell key and the records). One that
+    # cannot run on this model (its family lacks what it needs, or its codebook is another model's) stops
+    # the run now when it was named; `--methods all` leaves it out and says why.
+    instances, left_out = {}, {}
+    every_method = (config.methods or "").strip() == "all"
     for method in dict.fromkeys(m for m, _ in grid):
         try:
             instances[method] = methods_registry.get(method, **{**lm.method_params, **config.params.get(method, {})})
-            instances[method].validate(lm._model.config)
+            lm.check_method(instances[method])
         except ValueError as e:
-            raise RunError(f"method {method!r} cannot run on {label}: {e}") from None
-    run_id = store.start_run(_provenance(config, model_path, fingerprint, lm))
+            if not every_method:
+                raise RunError(f"method {method!r} cannot run on {label}: {e}") from None
+            instances.pop(method, None)
+            left_out[method] = str(e)
+            say(f"  left out of --methods all: {method}: {e}")
+    grid = [(m, b) for m, b in grid if m in instances]
+    run_id = store.start_run({**_provenance(config, model_path, fingerprint, lm), "left_out": left_out})
 
     rows: list[dict] = []
     reference: dict = {}  # the unpruned cell's sample views per task, computed once
     for i, (method, budget) in enumerate(grid, 1):
         lm.configure(instances[method], budget)
         lm.pop_records()
-        determined_by = {**fingerprint, "method": method, "method_repr": repr(lm.method), "budget": budget}
+        determined_by = {**fingerprint, "method": method, "method_repr": repr(lm.method), "budget": budget,
+                         "budget_scope": config.budget_scope, "model_args": config.extra}  # e.g. video_frames
         key = cell_key(determined_by)
         cached = store.finished(key)
         if cached is not None:  # finished in an earlier (possibly interrupted) run: not recomputed

@@ -20,30 +20,43 @@ class Scoring:
         values, ids = logprobs.topk(k)
         return {"ids": ids.tolist(), "logprobs": values.tolist(), "full": k == vocab}
 
-    def _per_row(self, run, input_ids) -> tuple[list[list[list[int]]], list[float | None]]:
-        """Per row (images fill rows in order): its images' kept indices, and their mean ΔIPR
-        (everything kept and ΔIPR 0 for the unpruned model)."""
-        per_image = self._model.config.image_seq_length
-        counts = [n // per_image for n in self._visual_counts(input_ids)]
+    @property
+    def _adapter(self):
+        """The model family's pruning run class (harness.adapters): what it counts as visual tokens."""
+        from harness.adapters import adapter_for
+
+        return adapter_for(self._model).PruningRun
+
+    def _visual_counts(self, inputs) -> list[int]:
+        """Per row, the prunable visual tokens the unpruned model reads."""
+        return self._adapter.visual_tokens_per_row(self._model, inputs)
+
+    def _per_row(self, run, inputs) -> tuple[list[list[list[int]]], list[float | None]]:
+        """Per row: its images' kept indices, and their mean ΔIPR (everything kept and ΔIPR 0 for the
+        unpruned model: one list per image where every image has the same count, else one per row)."""
+        counts = self._visual_counts(inputs)
+        rows = len(counts)
         if run is None:
-            images = [(list(range(per_image)), 0.0)] * sum(counts)
+            per_image = self._adapter.tokens_per_image(self._model.config)
+            images = [(row, list(range(per_image if per_image else n)), 0.0)
+                      for row, n in enumerate(counts) for _ in range(n // per_image if per_image else int(n > 0))]
         else:
-            images = [(r.kept.tolist(), r.extra.get("delta_ipr")) for r in run.images]
-        kept, delta_ipr, start = [], [], 0
-        for n in counts:
-            row = images[start:start + n]
-            kept.append([k for k, _ in row])
-            values = [v for _, v in row if v is not None]
-            delta_ipr.append(sum(values) / len(values) if values else None)
-            start += n
-        return kept, delta_ipr
+            images = [(r.row, r.kept.tolist(), r.extra.get("delta_ipr")) for r in run.images]
+        kept: list[list[list[int]]] = [[] for _ in range(rows)]
+        values: list[list[float]] = [[] for _ in range(rows)]
+        for row, indices, value in images:
+            kept[row].append(indices)
+            if value is not None:
+                values[row].append(value)
+        return kept, [sum(v) / len(v) if v else None for v in values]
 
     def _evidence_recall(self, req, kept: list[list[int]]) -> float | None:
         """Share of the doc's evidence that the method kept, for tasks that say where it is: their
         metadata's `doc_to_evidence(doc)` gives (image, visual token) pairs (the testbed's tasks do);
         None for other tasks and for docs without evidence."""
         evidence_of = (req.metadata or {}).get("doc_to_evidence")
-        if not callable(evidence_of):
+        # Evidence is (image, token) on a fixed raster per image: none where token counts vary per image.
+        if not callable(evidence_of) or not self._adapter.tokens_per_image(self._model.config):
             return None
         _, _, _, doc_id, task, split = req.args[:6]
         evidence = evidence_of(self.task_dict[task][split][doc_id])
@@ -91,15 +104,19 @@ class Scoring:
             input_ids[row, p:p + len(c)] = torch.tensor(c, dtype=torch.long, device=self._device)
             attention[row, :p + len(c)] = 1
         model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        if self._adapter.gathers_positions:  # M-RoPE: the model numbers from the token types; the continuation is text
+            types = torch.zeros_like(input_ids)
+            types[:, :inputs["input_ids"].shape[1]] = model_inputs["mm_token_type_ids"]
+            model_inputs["mm_token_type_ids"] = types
+        else:
+            model_inputs["position_ids"] = (attention.cumsum(-1) - 1).clamp(min=0)
         with self._pruning_applied() as run:
             if run is not None:  # in-LLM methods score from the last prompt token, not the continuation
                 run.query_positions = torch.tensor(prompt_lengths, device=self._device) - 1
-            logits = self._model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                 **model_inputs).logits
+            logits = self._model(input_ids=input_ids, attention_mask=attention, **model_inputs).logits
             columns = run.columns() if run is not None else None  # original column of each output position
-        kept, delta_ipr = self._per_row(run, input_ids)
-        info = {"prompt_lengths": prompt_lengths, "visual_in": self._visual_counts(input_ids),
+        kept, delta_ipr = self._per_row(run, inputs)
+        info = {"prompt_lengths": prompt_lengths, "visual_in": self._visual_counts(inputs),
                 "kept": kept, "delta_ipr": delta_ipr}
         scored = []
         for row, (p, c) in enumerate(zip(prompt_lengths, conts)):

@@ -56,6 +56,15 @@ class _Stamp(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _image_inputs(model, inputs) -> dict:
+    """What the family's `get_image_features` takes of a processor's output (pixels; LLaVA-NeXT's and
+    OneVision's image sizes, Qwen's grids)."""
+    import inspect
+
+    takes = inspect.signature(model.model.get_image_features).parameters
+    return {name: value for name, value in inputs.items() if name in takes}
+
+
 def spread(values: list[float]) -> dict:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0],
@@ -134,8 +143,7 @@ def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, de
         decode.append((stamps[-1] - stamps[0]) * 1000 / decode_tokens)
 
     with torch.no_grad():
-        vision = _timed(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), device,
-                        repeats, warmup)
+        vision = _timed(lambda: model.model.get_image_features(**_image_inputs(model, inputs)), device, repeats, warmup)
         prefill_ms = _timed(prefill, device, repeats, warmup)
         _timed(decode_run, device, repeats, warmup)  # for its warm-up and repeats: each run notes its own figure
         peak = peak_memory_mb(lambda: generate(1), device)

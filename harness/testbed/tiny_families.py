@@ -2,9 +2,10 @@
 
 Each family (named by its config's `model_type`) is a randomly initialised model of the *real*
 transformers class, built from its config classes, with a processor built offline and saved beside
-the weights, so that `AutoConfig` / `AutoProcessor` / the model class `from_pretrained(folder)` load
-it exactly like a downloaded checkpoint. They exist so that tests and `harness run --model <folder>`
-prove the real-class code paths (anyres crops and image_newline, dynamic resolution with the 2x2
+the weights, so that `AutoConfig` / the processor / the model class `from_pretrained(folder)` load
+it exactly like a downloaded checkpoint (the processor through `harness.adapters.processing.load_processor`:
+`AutoProcessor`, or a stand-in where torchvision is missing). They exist so that tests and `harness run
+--model <folder>` prove the real-class code paths (anyres crops and image_newline, dynamic resolution with the 2x2
 merger and 3-D M-RoPE, SigLIP features and video frames) offline, on a CPU, in seconds. The weights
 are random: answers are noise, but the same seed gives the same weights and the same answers.
 
@@ -21,8 +22,8 @@ Visual tokens are per testbed image (336x336, `world.render_pil`).
   visual tokens. LlavaNextProcessor, LlavaNextImageProcessorPil, the testbed tokenizer and chat
   template (llava-v1.6-vicuna's format is LLaVA-1.5's). 96k parameters.
 - qwen2_vl: `Qwen2VLForConditionalGeneration`: ViT 32 wide (MLP 128), 2 layers, 2 heads, patch 14,
-  temporal patch 2, 2x2 merger into a Qwen2 decoder 64 wide, 2 layers, 4 heads (2 KV), head dim
-  16, M-RoPE sections [2, 3, 3] (Qwen's [16, 24, 24] scaled to the head). Image processor
+  temporal patch 2, 2x2 merger into a Qwen2 decoder 64 wide, 3 layers (FastV's default K = 2 fits), 4
+  heads (2 KV), head dim 16, M-RoPE sections [2, 3, 3] (Qwen's [16, 24, 24] scaled to the head). Image processor
   min_pixels 56x56, max_pixels 224x224: a 336 px image becomes 224x224, 16x16 patches, 64 visual
   tokens. 221k parameters.
 - qwen2_5_vl: `Qwen2_5_VLForConditionalGeneration`: the same, with Qwen2.5-VL's ViT (SwiGLU 32
@@ -39,21 +40,24 @@ Qwen's special tokens in place of the testbed's (`<|endoftext|>` pad, `<|im_star
 eos, `<|image_pad|>`, then `<|vision_start|>`, `<|vision_end|>`, `<|video_pad|>`), no BOS, and
 Qwen2-VL-Instruct's chat template.
 
-What cannot be built here: the processors of qwen2_vl, qwen2_5_vl and llava_onevision need
+The torchvision situation: the processors of qwen2_vl, qwen2_5_vl and llava_onevision need
 torchvision, which this environment leaves out (README "The lock"). In transformers 5 their
 `__init__` takes a `video_processor` and `ProcessorMixin` checks it against `VideoProcessorMixin`,
 which transformers exports only when torchvision is installed (`VIDEO_PROCESSOR_MAPPING` is then a
 dummy, and the check dies with "VIDEO_PROCESSOR_MAPPING has no attribute '_extra_content'"); the
 video processors themselves (`BaseVideoProcessor`) require torchvision, and `AutoProcessor` loads
-one eagerly (upstream: huggingface/transformers#48558, #43986). Nothing is downloaded: it is a
-missing package. So `FAMILIES` holds them only where torchvision imports; elsewhere `build()` and
-`save()` refuse them with that reason, and `build_parts()` still gives their model, tokenizer and
-image processor (which need no torchvision), so the model classes are proven offline too. Their
-processor code below follows the transformers 5.23 source; without torchvision only its image path
-could be run (with a stand-in video processor, outside the tests): its save/reload and video path
-run where torchvision is installed (then the tests cover them).
+one eagerly and raises ImportError (upstream: huggingface/transformers#48558, #43986). Nothing is
+downloaded: it is a missing package. Their tokenizers and PIL image processors need no torchvision.
+So where torchvision is missing these three get harness.adapters.processing's stand-in: the same
+tokenizer, image processor and chat template, the real processor's placeholder expansion (the same
+`input_ids`, `mm_token_type_ids`, pixel values and grids for images, tested against the real
+classes), and videos on PIL (its docstring says what differs). `save()` writes the files the real
+processor writes, and `harness.adapters.processing.load_processor(folder)` reads them back (with
+`AutoProcessor` where torchvision is installed; then `build()` uses the real processors too).
+`uses_stand_in(family)` says which one a family gets here.
 
     python -m harness.testbed.tiny_families llava_next /tmp/tiny-llava-next
+    python -m harness.testbed.tiny_families qwen2_5_vl /tmp/tiny-qwen2.5-vl
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.adapters import processing as P
 from harness.errors import InputError
 
 from . import model as M
@@ -78,7 +83,7 @@ VISION = {"hidden": 32, "layers": 2, "heads": 2}  # every family's ViT
 CROP = 84  # LLaVA-NeXT / OneVision crop side: 6x6 patches of 14
 LLAVA_NEXT_PINPOINTS = [[84, 168], [168, 84], [168, 168], [252, 84], [84, 252]]
 ONEVISION_PINPOINTS = [[84, 84], [84, 168], [168, 84], [168, 168]]
-QWEN_TEXT = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "mrope_section": [2, 3, 3]}
+QWEN_TEXT = {"hidden": 64, "layers": 3, "heads": 4, "kv_heads": 2, "intermediate": 128, "mrope_section": [2, 3, 3]}
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 224 * 224  # a 336 px image -> 224x224 -> 64 tokens
 QWEN_VIDEO_MAX_PIXELS = 112 * 112  # a frame -> 112x112 -> 16 tokens a 2-frame step
 
@@ -296,36 +301,45 @@ def llava_next_processor(tokenizer, image_processor):
                               image_token=M.IMAGE_TOKEN, chat_template=M.CHAT_TEMPLATE)
 
 
-def onevision_processor(tokenizer, image_processor):  # needs torchvision (module docstring)
+def _qwen_video_settings() -> dict:
+    return {"min_pixels": QWEN_MIN_PIXELS, "max_pixels": QWEN_VIDEO_MAX_PIXELS}
+
+
+def onevision_processor(tokenizer, image_processor):
+    """LlavaOnevisionProcessor, or without torchvision its stand-in (module docstring)."""
+    settings = {"num_image_tokens": (CROP // W.PATCH) ** 2, "vision_feature_select_strategy": "full",
+                "image_token": M.IMAGE_TOKEN, "video_token": VIDEO_TOKEN, "vision_aspect_ratio": "anyres_max_9",
+                "chat_template": ONEVISION_CHAT_TEMPLATE}
+    video_size = {"height": CROP, "width": CROP}
+    if not torchvision_available():
+        return P.OnevisionStandIn(image_processor, tokenizer, P.OnevisionFrames(size=video_size), **settings)
     from transformers import LlavaOnevisionProcessor
     from transformers.models.llava_onevision import LlavaOnevisionVideoProcessor
 
-    video_processor = LlavaOnevisionVideoProcessor(size={"height": CROP, "width": CROP})
     return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   video_processor=video_processor, num_image_tokens=(CROP // W.PATCH) ** 2,
-                                   vision_feature_select_strategy="full", image_token=M.IMAGE_TOKEN,
-                                   video_token=VIDEO_TOKEN, vision_aspect_ratio="anyres_max_9",
-                                   chat_template=ONEVISION_CHAT_TEMPLATE)
+                                   video_processor=LlavaOnevisionVideoProcessor(size=video_size), **settings)
 
 
-def _qwen_video_processor():
+def _qwen_processor(real: str, stand_in, tokenizer, image_processor):
+    if not torchvision_available():
+        return stand_in(image_processor, tokenizer, P.QwenFrames(**_qwen_video_settings()),
+                        chat_template=QWEN_CHAT_TEMPLATE)
+    import transformers
     from transformers.models.qwen2_vl import Qwen2VLVideoProcessor
 
-    return Qwen2VLVideoProcessor(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_VIDEO_MAX_PIXELS)
+    return getattr(transformers, real)(image_processor=image_processor, tokenizer=tokenizer,
+                                       video_processor=Qwen2VLVideoProcessor(**_qwen_video_settings()),
+                                       chat_template=QWEN_CHAT_TEMPLATE)
 
 
-def qwen2_vl_processor(tokenizer, image_processor):  # needs torchvision (module docstring)
-    from transformers import Qwen2VLProcessor
-
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            video_processor=_qwen_video_processor(), chat_template=QWEN_CHAT_TEMPLATE)
+def qwen2_vl_processor(tokenizer, image_processor):
+    """Qwen2VLProcessor, or without torchvision its stand-in (module docstring)."""
+    return _qwen_processor("Qwen2VLProcessor", P.QwenVLStandIn, tokenizer, image_processor)
 
 
-def qwen2_5_vl_processor(tokenizer, image_processor):  # needs torchvision (module docstring)
-    from transformers import Qwen2_5_VLProcessor
-
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               video_processor=_qwen_video_processor(), chat_template=QWEN_CHAT_TEMPLATE)
+def qwen2_5_vl_processor(tokenizer, image_processor):
+    """Qwen2_5_VLProcessor, or without torchvision its stand-in (module docstring)."""
+    return _qwen_processor("Qwen2_5_VLProcessor", P.Qwen25VLStandIn, tokenizer, image_processor)
 
 
 # ------------------------------------------------------------------------------------------- families
@@ -339,7 +353,7 @@ class Family:
     image_processor: Callable[[], Any]
     config: Callable[[Any], Any]  # tokenizer -> model config
     processor: Callable[[Any, Any], Any]  # (tokenizer, image processor) -> processor
-    processor_needs_torchvision: bool = False
+    processor_needs_torchvision: bool = False  # transformers' processor does; without it, the stand-in
 
 
 KNOWN: dict[str, Family] = {
@@ -364,17 +378,17 @@ def torchvision_available() -> bool:
     return is_torchvision_available()
 
 
-def _buildable() -> dict[str, Family]:
-    tv = torchvision_available()
-    return {name: f for name, f in KNOWN.items() if tv or not f.processor_needs_torchvision}
+def uses_stand_in(family: str) -> bool:
+    """Whether the family's processor here is harness.adapters.processing's stand-in (torchvision missing)."""
+    return _family(family).processor_needs_torchvision and not torchvision_available()
 
 
-#: The families `build()` and `save()` make in this environment (model and processor).
-FAMILIES: dict[str, Family] = _buildable()
+#: The families `build()` and `save()` make (model and processor): every one, with or without torchvision.
+FAMILIES: dict[str, Family] = dict(KNOWN)
 
 
 class UnavailableFamily(InputError):
-    """A family this module does not know, or whose processor cannot be built here."""
+    """A family this module does not know."""
 
 
 def _family(name: str) -> Family:
@@ -400,12 +414,9 @@ def build_parts(family: str, seed: int = 0):
 
 
 def build(family: str, seed: int = 0):
-    """A tiny random model of the family's real class, in eval mode, and its offline processor."""
+    """A tiny random model of the family's real class, in eval mode, and its offline processor
+    (transformers', or where torchvision is missing for it, the stand-in)."""
     spec = _family(family)
-    if family not in FAMILIES:
-        raise UnavailableFamily(
-            f"tiny family {family!r} cannot be built here: its processor needs torchvision, which is not "
-            f"installed (harness.testbed.tiny_families explains); buildable: {', '.join(FAMILIES)}")
     model, tokenizer, image_processor = build_parts(family, seed)
     return model, spec.processor(tokenizer, image_processor)
 
@@ -422,7 +433,7 @@ def save(family: str, folder: str | Path, seed: int = 0) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Save a tiny random model of one family, like a checkpoint.")
-    parser.add_argument("family", choices=list(KNOWN), help=f"buildable here: {', '.join(FAMILIES)}")
+    parser.add_argument("family", choices=list(KNOWN))
     parser.add_argument("folder", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
