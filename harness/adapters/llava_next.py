@@ -44,8 +44,9 @@ from __future__ import annotations
 import torch
 
 from .attention import cls_attention
-from .base import ImageRecord, Part, PruningRun as _BaseRun
-from .llava import feature_layer, image_seed
+from . import llava
+from .base import ImageRecord, Part
+from .llava import image_seed
 
 __all__ = ["ImageRecord", "NEWLINE", "PruningRun", "packed_sources"]
 
@@ -105,8 +106,13 @@ def match_rows(queries: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return found
 
 
-class PruningRun(_BaseRun):
-    """The LLaVA-NeXT family's hooks (harness.adapters.base.PruningRun); see the module docstring."""
+class PruningRun(llava.PruningRun):
+    """The LLaVA-NeXT family's hooks: LLaVA-1.5's vision side (pixels, the feature layer), its own packing;
+    see the module docstring."""
+
+    @staticmethod
+    def tokens_per_image(config) -> None:
+        return None  # anyres: varies with the image's size
 
     @classmethod
     def check(cls, method, config) -> None:
@@ -133,18 +139,12 @@ class PruningRun(_BaseRun):
         return out
 
     def _reset(self):
-        super()._reset()
-        self._pixels = None  # the vision tower's input: every view of every image (views, 3, H, W)
-        self._vision_in = None  # input of the ViT's feature layer (views, 1 + n, Dv)
-        self._vision = None  # the projector's input: feature-layer states, [CLS] dropped (views, n, Dv)
+        super()._reset()  # pixels, feature-layer input and projector input, here of every view of every image
         self._projected = None  # the projector's output (views, n, D)
         self._embeds = None  # the language model's unpruned inputs_embeds (B, T, D)
         #: (N,) for each `<image>` column of the last prompt (row-major), its source: view * n + token
         #: over the batch's views, or NEWLINE (for tests and analyses)
         self.sources = None
-
-    def _feature_layer(self):
-        return feature_layer(self.model.model.vision_tower, self.model.config.vision_feature_layer)
 
     def _install_vision_hooks(self, add) -> None:
         model = self.model.model
@@ -153,15 +153,6 @@ class PruningRun(_BaseRun):
         add(model.multi_modal_projector.register_forward_hook(self._on_projector))
         # Registered before the base's own hook on the language model, so it sees the unpruned input.
         add(model.language_model.register_forward_pre_hook(self._on_lm_embeds, with_kwargs=True))
-
-    # generate() runs the vision tower before the prefill: what it saw waits for the language model.
-    def _on_vision_input(self, module, args, kwargs):
-        self._layout = None
-        self._pixels = args[0] if args else kwargs["pixel_values"]
-        self._images_pending = True
-
-    def _on_feature_layer_input(self, module, args):
-        self._vision_in = args[0]
 
     def _on_projector(self, module, args, output):
         self._vision, self._projected = args[0], output
