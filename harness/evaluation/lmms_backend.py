@@ -239,9 +239,9 @@ class VTPLlava(Inputs, Scoring, lmms):
             per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
         counts.pop("torch_comparable")
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
-        counts["equivalent_tokens"] = flops.equivalent_tokens(
-            per_layer, inputs["input_ids"].shape[1], visual_tokens=sum(family.visual_tokens_per_row(self._model, inputs)),
-            images=self._budget_units(visuals, inputs))  # per image or video frame, what a budget applies to
+        visual = sum(family.visual_tokens_per_row(self._model, inputs))
+        counts["equivalent_tokens"] = flops.equivalent_tokens(  # per image or video frame: what a budget applies to
+            per_layer, inputs["input_ids"].shape[1], visual_tokens=visual, images=self._budget_units(visuals, inputs))
         return counts
 
     def timings(self, task: str, repeats: int = 5) -> dict:

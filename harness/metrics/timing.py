@@ -143,7 +143,8 @@ def time_cell(model, inputs, pruning=None, repeats: int = 5, warmup: int = 1, de
         decode.append((stamps[-1] - stamps[0]) * 1000 / decode_tokens)
 
     with torch.no_grad():
-        vision = _timed(lambda: model.model.get_image_features(**_image_inputs(model, inputs)), device, repeats, warmup)
+        image_inputs = _image_inputs(model, inputs)
+        vision = _timed(lambda: model.model.get_image_features(**image_inputs), device, repeats, warmup)
         prefill_ms = _timed(prefill, device, repeats, warmup)
         _timed(decode_run, device, repeats, warmup)  # for its warm-up and repeats: each run notes its own figure
         peak = peak_memory_mb(lambda: generate(1), device)
