@@ -114,20 +114,10 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 # The testbed's LLaVA-1.5 format, with videos: "USER: <image><video>\n{question} ASSISTANT:".
-ONEVISION_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
-    "{% elif item['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}"
-    "{% if message['content'] | selectattr('type', 'in', ['image', 'video']) | list %}{{ '\n' }}{% endif %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{{ ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' }}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{{ '</s>' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+ONEVISION_CHAT_TEMPLATE = M.CHAT_TEMPLATE.replace(
+    "{% if item['type'] == 'image' %}{{ '<image>' }}{% endif %}",
+    "{% if item['type'] == 'image' %}{{ '<image>' }}{% elif item['type'] == 'video' %}{{ '<video>' }}{% endif %}",
+).replace("selectattr('type', 'equalto', 'image')", "selectattr('type', 'in', ['image', 'video'])")
 
 
 @functools.cache
