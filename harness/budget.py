@@ -21,6 +21,7 @@ class BudgetError(InputError):
 #: How a budget applies to an image of several parts (LLaVA-NeXT's base view and crops): split over them in
 #: proportion to their tokens ("image"), or given to each part ("part"). Video frames always get it each.
 BUDGET_SCOPES = ("image", "part")
+DEFAULT_BUDGET_SCOPE = "image"
 
 
 def check_scope(scope: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.budget import DEFAULT_BUDGET_SCOPE  # how a budget applies to an image of several parts
 from harness.errors import InputError
 from harness.testbed.data import TASKS_DIR  # noqa: F401  (the testbed's tasks: the default tasks' folder)
 from harness.testbed.model import CHECKPOINT as DEFAULT_MODEL  # noqa: F401  (the shipped testbed model)
@@ -22,9 +23,6 @@ DEFAULT_LIMIT = 30  # test documents per task
 DEFAULT_BATCH_SIZE = 8  # answers do not depend on it (padded batches equal single runs, tested)
 DEFAULT_TIMING_REPEATS = 5  # timed repeats per cell and task in the timing pass; 0 skips it
 DEFAULT_DEVICE = "cpu"
-#: How a budget applies to an image of several parts (LLaVA-NeXT's base view and crops; harness.adapters.base):
-#: split over its parts in proportion ("image"), or given to each part ("part").
-DEFAULT_BUDGET_SCOPE = "image"  # harness.budget.BUDGET_SCOPES
 #: Fixed: the random method's seed and lmms-eval's seeds; decoding is greedy.
 SEED = 0
 #: The keys a protocol file may hold (a file may also name the ones its command adds, e.g. `baseline`).

@@ -7,7 +7,7 @@ where the family's visual tokens sit and what its vision tower knows) and an ent
 
 import contextlib
 
-from harness.budget import BUDGET_SCOPES
+from harness.budget import BUDGET_SCOPES, DEFAULT_BUDGET_SCOPE
 from harness.errors import InputError
 
 from . import llava, llava_next, llava_onevision, qwen2_vl
@@ -32,7 +32,8 @@ def adapter_for(model):
 
 
 @contextlib.contextmanager
-def prune(model, method, budget=None, record_ipr: bool = True, budget_scope: str = "image", **params):
+def prune(model, method, budget=None, record_ipr: bool = True, budget_scope: str = DEFAULT_BUDGET_SCOPE,
+          **params):
     """Apply `method` (a registered name with `params`, or an instance) at `budget` to `model` for the
     duration of a `with` block, through its family's adapter (hooks only; the model is unchanged after).
     `budget_scope`: how a budget applies to an image of several parts (`BUDGET_SCOPES`)."""

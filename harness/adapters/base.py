@@ -44,7 +44,7 @@ import torch
 import methods
 from methods.base import Method, Selection, VisualContext
 
-from harness.budget import check_budget, check_scope, for_method, tokens_to_keep
+from harness.budget import DEFAULT_BUDGET_SCOPE, check_budget, check_scope, for_method, tokens_to_keep
 from harness.metrics.ipr import ipr
 
 from .attention import last_token_attention
@@ -116,7 +116,7 @@ class PruningRun:
     projector_module = "model.multi_modal_projector"
 
     def __init__(self, model, method: Method | str, budget=None, record_ipr: bool = True,
-                 budget_scope: str = "image", **params):
+                 budget_scope: str = DEFAULT_BUDGET_SCOPE, **params):
         if isinstance(method, str):
             method = methods.get(method, **params)
         check_scope(budget_scope)

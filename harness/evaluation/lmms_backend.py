@@ -49,7 +49,8 @@ from tqdm import tqdm  # noqa: E402
 
 import methods  # noqa: E402
 from harness.adapters import NonFiniteFeatures, prune  # noqa: E402
-from harness.budget import budget_label, check_budget, check_scope, for_method, parse_budget  # noqa: E402
+from harness.budget import DEFAULT_BUDGET_SCOPE, budget_label, check_budget, check_scope, for_method  # noqa: E402
+from harness.budget import parse_budget  # noqa: E402
 
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
 from .inputs import DEFAULT_VIDEO_FRAMES, Inputs, doc_label, is_video, parse_video_frames, stop_at  # noqa: E402
@@ -67,8 +68,8 @@ class VTPLlava(Inputs, Scoring, lmms):
 
     def __init__(self, pretrained: str | None = None, device: str | None = "cpu", dtype=None, batch_size=1,
                  method: str = "none", budget=None, max_new_tokens: int = 32, top_k_logprobs: int = 20,
-                 image_cache_mb: int = 1536, budget_scope: str = "image", video_frames=DEFAULT_VIDEO_FRAMES,
-                 **kwargs) -> None:
+                 image_cache_mb: int = 1536, budget_scope: str = DEFAULT_BUDGET_SCOPE,
+                 video_frames=DEFAULT_VIDEO_FRAMES, **kwargs) -> None:
         super().__init__()
         # The evaluator always passes batch_size/max_batch_size/device (the latter two possibly
         # None-filtered); anything else is a typo worth a warning, not a crash.
