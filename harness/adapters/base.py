@@ -193,6 +193,9 @@ class PruningRun:
         self._layout = None
         self._lm_kwargs = {}
         self._pruned_kwargs = {}
+        #: the prefill's unpruned `inputs_embeds` (B, T, D), while `_parts` may read it (a family that finds
+        #: its layout in the merged sequence: LLaVA-NeXT, OneVision)
+        self._lm_embeds = None
 
     @property
     def language_model(self):
@@ -335,8 +338,11 @@ class PruningRun:
 
     def _on_lm_input(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
+        if self._images_pending and self._layout is None:
+            self._lm_embeds = embeds
         if self.method.stage == "pre_llm" and self._images_pending and self._layout is None:
             parts = self._parts(self._input_ids)
+            self._lm_embeds = None
             self._selections = self._select_all(parts, lambda p: embeds[p.row, p.columns])
             layout, new_pos = self._make_layout(kwargs.get("attention_mask"), kwargs.get("position_ids"),
                                                 embeds.shape[1])
@@ -372,6 +378,7 @@ class PruningRun:
             query = (mask2d.shape[1] - 1) - mask2d.long().flip(1).argmax(1)
         rows = last_token_attention(module, hidden, kwargs["position_embeddings"], mask2d, query)  # (B, T)
         parts = self._parts(self._input_ids)
+        self._lm_embeds = None
         self._selections = self._select_all(parts, lambda p: hidden[p.row, p.columns], attention_rows=rows)
         return None
 

@@ -141,7 +141,6 @@ class PruningRun(llava.PruningRun):
     def _reset(self):
         super()._reset()  # pixels, feature-layer input and projector input, here of every view of every image
         self._projected = None  # the projector's output (views, n, D)
-        self._embeds = None  # the language model's unpruned inputs_embeds (B, T, D)
         #: (N,) for each `<image>` column of the last prompt (row-major), its source: view * n + token
         #: over the batch's views, or NEWLINE (for tests and analyses)
         self.sources = None
@@ -151,20 +150,14 @@ class PruningRun(llava.PruningRun):
         add(model.vision_tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))
         add(self._feature_layer().register_forward_pre_hook(self._on_feature_layer_input))
         add(model.multi_modal_projector.register_forward_hook(self._on_projector))
-        # Registered before the base's own hook on the language model, so it sees the unpruned input.
-        add(model.language_model.register_forward_pre_hook(self._on_lm_embeds, with_kwargs=True))
 
     def _on_projector(self, module, args, output):
         self._vision, self._projected = args[0], output
 
-    def _on_lm_embeds(self, module, args, kwargs):
-        if self._images_pending and self._layout is None:
-            self._embeds = kwargs.get("inputs_embeds")
-
     # ------------------------------------------------------------------ where each token came from
     def _sources(self, rows, cols) -> torch.Tensor:
         """(N,) the source of each `<image>` column (module docstring), checked."""
-        embeds = self._embeds[rows, cols]
+        embeds = self._lm_embeds[rows, cols]  # the prefill's unpruned input (base.PruningRun)
         projected = self._projected.flatten(0, 1).to(embeds.dtype)
         newline = self.model.model.image_newline.to(embeds.dtype)
         sources = match_rows(embeds, projected)
@@ -177,11 +170,10 @@ class PruningRun(llava.PruningRun):
         return sources.to(cols.device)
 
     def _parts(self, input_ids: torch.Tensor) -> list[Part]:
-        if self._projected is None or self._embeds is None:
+        if self._projected is None or self._lm_embeds is None:
             return []
         rows, cols = (input_ids == self.model.config.image_token_id).nonzero(as_tuple=True)  # the packing order
         self.sources = sources = self._sources(rows, cols)
-        self._embeds = None  # read once a prompt
         src = sources.tolist()
         n = self._projected.shape[1]
         views = self._projected.shape[0]

@@ -135,13 +135,11 @@ class PruningRun(_BaseRun):
     def _reset(self):
         super()._reset()
         self._calls: list[_Call] = []
-        self._embeds = None  # the language model's input at the prefill (newlines, exact matching)
 
     def _install_vision_hooks(self, add) -> None:
         model = self.model.model
         add(model.vision_tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))
         add(model.multi_modal_projector.register_forward_hook(self._on_projector))
-        add(model.language_model.register_forward_pre_hook(self._on_embeds, with_kwargs=True))
 
     def _on_vision_input(self, module, args, kwargs):
         if not self._images_pending:  # a new prompt's media
@@ -154,13 +152,9 @@ class PruningRun(_BaseRun):
         if self._calls:
             self._calls[-1].inputs, self._calls[-1].outputs = args[0], output
 
-    def _on_embeds(self, module, args, kwargs):
-        if self._images_pending and self._layout is None:
-            self._embeds = kwargs.get("inputs_embeds")
-
     # ------------------------------------------------------------------ parts
     def _parts(self, input_ids: torch.Tensor) -> list[Part]:
-        config, embeds = self.model.config, self._embeds
+        config, embeds = self.model.config, self._lm_embeds  # the prefill's unpruned input (base.PruningRun)
         newline = self.model.model.image_newline.to(embeds.device, embeds.dtype)
         kinds = [input_ids == config.image_token_id, input_ids == config.video_token_id]
         # newlines: visual tokens equal to image_newline (one scalar filters, to spare a (B, T, D) comparison)
@@ -177,7 +171,6 @@ class PruningRun(_BaseRun):
         if present[1]:
             media += self._video_media(kinds[1], is_newline, calls[-1])
         media.sort(key=lambda m: m[:2])
-        self._embeds = None
         return [Part(i, row, columns, grid, context, frame=video)  # a video's budget is per frame
                 for i, (row, _, parts, video) in enumerate(media) for columns, grid, context in parts]
 

@@ -8,10 +8,11 @@ budget is capped at each image's tokens, a fraction applies to each image. Token
 (`<|video_pad|>`, `video_grid_thw`) is one image of t parts, one per temporal step (two frames), in
 the order the batch holds them; each step gets the budget (a frame is an image to the methods). The
 grids come from the vision tower's calls (generate() encodes the media before the prefill, and drops
-the grids from the model's inputs): the images' call, then the videos'. Methods may read each part's pixels (its seed) and `vision_features`: the merger's input, the
-last ViT block's states of the 2x2 patches merged into one token, concatenated (n, 4 * Dv), in raster
-order (Qwen2.5-VL's window order undone). There is no [CLS] and the merger maps 2x2 patches, not
-single ViT tokens: `cls_attention` is refused, and no `project` is given.
+the grids from the model's inputs): the images' call, then the videos'. Methods may read each part's
+pixels (its seed) and `vision_features`: the merger's input, the last ViT block's states of the 2x2
+patches merged into one token, concatenated (n, 4 * Dv), in raster order (Qwen2.5-VL's window order
+undone). There is no [CLS] and the merger maps 2x2 patches, not single ViT tokens: `cls_attention` is
+refused, and no `project` is given.
 
 Positions are 3-D M-RoPE ids (temporal, height, width; generate() passes a text row first: (4, B, T)),
 computed by the model from the unpruned ids and grids. The kept tokens keep theirs, gathered from the

@@ -326,7 +326,7 @@ class VTPLlava(Inputs, Scoring, lmms):
                                        return_dict_in_generate=True, output_logits=True)
         sequences = out.sequences[:, n_in:].tolist()
         first_logits = out.logits[0] if out.logits else None
-        kept, delta_ipr = self._per_row(run, inputs)
+        kept, delta_ipr = self._per_row(run, visual_in)
         teacher_nll = self._teacher_forced_nll(items, [self.reference_answers.get(self._key(r)) for r in reqs],
                                                sequences, out.logits)
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()

@@ -31,10 +31,10 @@ class Scoring:
         """Per row, the prunable visual tokens the unpruned model reads."""
         return self._adapter.visual_tokens_per_row(self._model, inputs)
 
-    def _per_row(self, run, inputs) -> tuple[list[list[list[int]]], list[float | None]]:
-        """Per row: its images' kept indices, and their mean ΔIPR (everything kept and ΔIPR 0 for the
-        unpruned model: one list per image where every image has the same count, else one per row)."""
-        counts = self._visual_counts(inputs)
+    def _per_row(self, run, counts: list[int]) -> tuple[list[list[list[int]]], list[float | None]]:
+        """Per row (`counts`: its visual tokens in, `_visual_counts`): its images' kept indices, and their mean
+        ΔIPR (everything kept and ΔIPR 0 for the unpruned model: one list per image where every image has the
+        same count, else one per row)."""
         rows = len(counts)
         if run is None:
             per_image = self._adapter.tokens_per_image(self._model.config)
@@ -115,8 +115,9 @@ class Scoring:
                 run.query_positions = torch.tensor(prompt_lengths, device=self._device) - 1
             logits = self._model(input_ids=input_ids, attention_mask=attention, **model_inputs).logits
             columns = run.columns() if run is not None else None  # original column of each output position
-        kept, delta_ipr = self._per_row(run, inputs)
-        info = {"prompt_lengths": prompt_lengths, "visual_in": self._visual_counts(inputs),
+        visual_in = self._visual_counts(inputs)
+        kept, delta_ipr = self._per_row(run, visual_in)
+        info = {"prompt_lengths": prompt_lengths, "visual_in": visual_in,
                 "kept": kept, "delta_ipr": delta_ipr}
         scored = []
         for row, (p, c) in enumerate(zip(prompt_lengths, conts)):
