@@ -28,7 +28,8 @@ class VisualContext:
     from the ViT's feature layer only when a method asks for them.
     """
 
-    # (N, D) raster order: pre-LLM, the projector outputs; in-LLM, the hidden states entering layer K-1
+    # (N, D) raster order: pre-LLM, the projector outputs; in-LLM, the hidden states entering layer K
+    # (K-1 for methods that read the attention row there); at a later stage, the tokens still present
     features: torch.Tensor
     grid: tuple[int, int]  # (h, w) with h * w == N
     # () -> the image's seed (a hash of its pixels, so a sample's draw does not depend on its batch);
@@ -39,6 +40,10 @@ class VisualContext:
     cls_attention: Optional[Callable[[], torch.Tensor]] = None  # () -> (N,) [CLS]->patch, summed over heads
     vision_keys: Optional[Callable[[], torch.Tensor]] = None  # () -> (N, Dk) feature-layer keys, heads averaged
     attention_row: Optional[torch.Tensor] = None  # in-LLM: (N,) last token's attention at layer K-1, head mean
+    # (M, D) the prompt's text tokens in the image's row, as `features` are taken (embeddings pre-LLM,
+    # hidden states in-LLM): what a language-guided method reads; the answer being scored is not in it
+    text_features: Optional[torch.Tensor] = None
+    stage: int = 0  # multi-stage in-LLM methods: which stage chooses (0 first); later stages see fewer tokens
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +74,9 @@ class Method:
     uses_budget: ClassVar[bool] = True
     #: True for methods whose kept count is decided per image (thresholds); they report what they kept.
     adaptive: ClassVar[bool] = False
+    #: in-LLM: True for methods that score with the last token's attention row (`VisualContext.attention_row`):
+    #: they choose at layer K-1's input, where the row is computed; others choose from layer K's input.
+    needs_attention_row: ClassVar[bool] = False
 
     def __post_init__(self):
         check_choice("position_policy", self.position_policy, POSITION_POLICIES)
@@ -76,13 +84,28 @@ class Method:
     def validate(self, model_config) -> None:
         """Raise a clear ValueError if this method cannot run on a model with `model_config`
         (called when pruning starts, and by the runner before any cell). In-LLM methods need their
-        layer K inside the decoder."""
+        layers inside the decoder (from 1 when they read layer K-1's attention), in increasing order."""
         if self.stage == "in_llm":
             n_layers = model_config.text_config.num_hidden_layers
-            layer = getattr(self, "layer", None)
-            if not isinstance(layer, int) or not 1 <= layer < n_layers:
-                raise ValueError(f"{type(self).__name__}: layer K must be in 1..{n_layers - 1} for this model, "
-                                 f"got {layer!r}")
+            low = 1 if self.needs_attention_row else 0
+            layers = self.stage_layers()
+            bad = [k for k in layers if not isinstance(k, int) or isinstance(k, bool) or not low <= k < n_layers]
+            if bad or not layers:
+                what = "layer K" if len(layers) == 1 else "every stage's layer"
+                shown = layers[0] if len(layers) == 1 else list(layers)
+                raise ValueError(f"{type(self).__name__}: {what} must be in {low}..{n_layers - 1} for this model, "
+                                 f"got {shown!r}")
+            if any(b <= a for a, b in zip(layers, layers[1:])):
+                raise ValueError(f"{type(self).__name__}: stage layers must increase, got {list(layers)}")
+
+    def stage_layers(self) -> tuple:
+        """In-LLM: the decoder layers before which tokens are removed, in order (one: the `layer` field K)."""
+        return (getattr(self, "layer", None),)
+
+    def stage_counts(self, n: int, k: int) -> list[int]:
+        """Multi-stage: the tokens of an image part of `n` still present after each stage, the last being the
+        budget's `k` (non-increasing). One stage keeps `k`."""
+        return [k]
 
     def score(self, ctx: VisualContext) -> torch.Tensor:
         """(N,) scores, higher = keep."""

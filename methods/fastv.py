@@ -35,6 +35,7 @@ class FastV(Method):
     layer: int = 2
 
     stage = "in_llm"
+    needs_attention_row = True
 
     def __post_init__(self):
         super().__post_init__()
