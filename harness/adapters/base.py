@@ -249,6 +249,12 @@ class PruningRun:
         (None when nothing was pruned): to find a token's logits after pruning."""
         return None if self._layout is None else self._layout.index
 
+    def stage_columns(self) -> list[torch.Tensor]:
+        """For each stage of the last pruned forward, (B, T_s) the full-sequence column each of its positions
+        takes (one for pre-LLM and single-stage methods: `columns()`); left padding that pruning added holds
+        column 0. Empty when nothing was pruned."""
+        return [layout.index for layout in self._stage_layouts]
+
     def _on_model_input(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
         if cache is None or cache.get_seq_length() == 0:  # a new prompt: its ids locate the visual tokens
@@ -334,7 +340,8 @@ class PruningRun:
             selection = self._timed_select(ctx, self._stage_counts(part.size, k)[stage])
             chosen.append((part, selection))
             self._alive[id(part)] = alive[selection.kept.cpu()]
-            firsts.append((features, selection.features))
+            if self.record_ipr:  # kept only for delta IPR: a timing pass holds no copies
+                firsts.append((features, selection.features))
         offsets = [sum(sizes[:i]) for i in range(len(parts))]
         kept = torch.cat([self._alive[id(part)] + offset for part, offset in zip(parts, offsets)])
         if stage == 0:
@@ -346,8 +353,10 @@ class PruningRun:
         record.kept = kept
         if len(self.stages) > 1:
             record.extra.setdefault("stage_tokens", []).append(len(kept))
-        if self.record_ipr and stage == stages - 1:
-            record.extra["delta_ipr"] = self._delta_ipr(parts, firsts)
+        if stage == stages - 1:
+            if self.record_ipr:
+                record.extra["delta_ipr"] = self._delta_ipr(parts, firsts)
+            del self._open[image]
         return chosen
 
     def _delta_ipr(self, parts: list[Part], firsts) -> float:
