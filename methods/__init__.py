@@ -8,7 +8,7 @@ it never touches a model's forward (that is the adapters' job, in ``harness/``).
     >>> import methods
     >>> methods.names()
     ['none', 'random', 'uniform', 'fastv', 'cls_attention', 'divprune', 'codebook', 'codebook_fixed', 'gprune',
-     'lofi']
+     'lofi', 'lvpruning']
     >>> methods.get("none")
     NoPruning()
 
@@ -25,12 +25,15 @@ holding one ``@register("<name>")`` ``@dataclass`` subclass of ``base.Method``:
   ``base.top_k`` of them. Write ``select(ctx, k) -> Selection`` only to choose otherwise (greedy,
   merged features, a threshold).
 - ``ctx`` (``base.VisualContext``), one image: ``features`` (N, D; pre-LLM the projector outputs,
-  in-LLM the hidden states entering layer K-1), ``grid``, ``generator(seed)`` for draws seeded per
+  in-LLM the hidden states entering layer K, or K-1 with ``needs_attention_row``), ``text_features`` (the
+  prompt's text tokens, taken the same way), ``grid``, ``generator(seed)`` for draws seeded per
   image; where the adapter can give them, the ViT's ``vision_features``, the model's projector
   ``project``, the lazy ``cls_attention()`` and ``vision_keys()``, and in-LLM the last token's
   ``attention_row``. Raise a ValueError naming what is missing when one it needs is None.
 - Class attributes: ``stage`` (``"pre_llm"``, or ``"in_llm"`` with a ``layer`` field K: pruned
-  before decoder layer K), ``uses_budget`` (False: run once, whatever the budgets), ``adaptive``
+  before decoder layer K; a multi-stage method overrides ``stage_layers()`` and ``stage_counts(n, k)``
+  and reads ``ctx.stage``), ``needs_attention_row`` (in-LLM: scored at layer K-1's input), ``uses_budget``
+  (False: run once, whatever the budgets), ``adaptive``
   (True: it decides how many to keep per image). The ``position_policy`` field (``"renumber"`` or
   ``"original"`` position ids) defaults to what the source does.
 - Tests: an entry in ``tests/default_methods.py`` (the parameters the tests' tiny 2-layer model
@@ -99,6 +102,7 @@ from .divprune import DivPrune  # noqa: E402
 from .codebook import Codebook, CodebookFixed  # noqa: E402
 from .gprune import GPrune  # noqa: E402
 from .lofi import LoFi  # noqa: E402
+from .lvpruning import LVPruning  # noqa: E402
 
 __all__ = ["register", "names", "get", "NoPruning", "RandomPruning", "UniformPruning", "FastV", "ClsAttention",
-           "DivPrune", "Codebook", "CodebookFixed", "GPrune", "LoFi"]
+           "DivPrune", "Codebook", "CodebookFixed", "GPrune", "LoFi", "LVPruning"]

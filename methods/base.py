@@ -98,6 +98,11 @@ class Method:
             if any(b <= a for a, b in zip(layers, layers[1:])):
                 raise ValueError(f"{type(self).__name__}: stage layers must increase, got {list(layers)}")
 
+    def files(self) -> list:
+        """The files this method's choices depend on (a codebook, trained modules): their content is part
+        of a result's key, so a retrained file is never mistaken for the old one."""
+        return []
+
     def stage_layers(self) -> tuple:
         """In-LLM: the decoder layers before which tokens are removed, in order (one: the `layer` field K)."""
         return (getattr(self, "layer", None),)

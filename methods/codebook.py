@@ -50,6 +50,9 @@ class _CodebookBase(Method):
     def validate(self, model_config) -> None:
         files.check_hidden(prototypes(self.path), model_config.text_config.hidden_size, self.path)
 
+    def files(self) -> list:
+        return [files.resolve(self.path)]
+
     def redundancy(self, ctx: VisualContext) -> torch.Tensor:
         """(N,) s_l, the largest cosine similarity to a prototype."""
         codes = prototypes(self.path)

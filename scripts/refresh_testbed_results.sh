@@ -2,7 +2,7 @@
 # Remake every committed artefact that depends on the testbed checkpoint, after a new one has been
 # copied to harness/testbed/checkpoint (scripts/ship_testbed_checkpoint.py): the testbed codebook, the
 # unpruned test-split table, the default protocol with its leaderboard and analyses, the CI regression
-# baseline and a history record. About 55 minutes on 2 CPU cores (the codebook probes 1,000 images:
+# baseline and a history record, and LVPruning's trained modules. About 80 minutes on 2 CPU cores (the codebook probes 1,000 images:
 # with 500, the instruct_6 model had no cross-image cluster spanning more than 64 images, the rule of
 # METHODS.md §1). Each step's run folder is kept under runs/refresh-<stamp>/.
 # The README tables and the per-family thresholds of tests/test_testbed_model.py's
@@ -21,6 +21,11 @@ step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 
 step "codebook (probes cached per model under runs/codebook-probes/, so a killed build resumes)"
 "$H" codebook build --images 1000 --output harness/testbed/codebook/codebook.pt
+
+step "LVPruning's decision modules (trained on the checkpoint they prune; ~25 min; resumes from its workdir)"
+"$H" lvpruning train --model harness/testbed/checkpoint --output harness/testbed/lvpruning/modules.safetensors \
+    --workdir "$OUT/lvpruning-train"
+cp "$OUT/lvpruning-train/train_log.jsonl" harness/testbed/lvpruning/train_log.jsonl
 
 step "unpruned accuracy on the whole test split"
 "$H" run --methods none --limit all --timing-repeats 0 --output "$OUT/quality"

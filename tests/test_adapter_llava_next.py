@@ -36,7 +36,7 @@ from harness.testbed import world as W
 from methods.base import Method, Selection
 from methods.codebook_files import save as save_codebook
 
-from default_methods import DEFAULT_METHODS, default_params
+from default_methods import SINGLE_STAGE as DEFAULT_METHODS, default_params  # multi-stage: test_families
 
 SIZES = [(336, 336), (168, 336), (336, 250)]  # PIL (width, height)
 QUESTIONS = ["What colour is the ball?", "Where?", "Is there a big red cube in the picture?"]

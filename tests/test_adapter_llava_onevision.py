@@ -26,7 +26,7 @@ from harness.testbed import tiny_families as tf
 from methods.base import Method, Selection
 from methods.codebook_files import save as save_codebook
 
-from default_methods import DEFAULT_METHODS, default_params
+from default_methods import SINGLE_STAGE as DEFAULT_METHODS, default_params  # multi-stage: test_families
 
 REFUSED = "cls_attention"
 RUNNABLE = [name for name in DEFAULT_METHODS if name != REFUSED]

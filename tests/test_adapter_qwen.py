@@ -29,7 +29,7 @@ from harness.testbed import tiny_families as T
 from methods.base import Method, Selection
 from methods.codebook_files import save as save_codebook
 
-from default_methods import DEFAULT_METHODS, default_params
+from default_methods import SINGLE_STAGE as DEFAULT_METHODS, default_params  # multi-stage: test_families
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 METHODS = [name for name in DEFAULT_METHODS if name != "cls_attention"]  # refused (its own test)

@@ -10,7 +10,7 @@ from harness.bench import measure as bench
 from harness.testbed import model as M
 from methods import codebook_files as files
 
-from default_methods import default_params
+from default_methods import default_params, lvpruning_modules
 
 
 def test_bench_rows_for_every_budgeted_method(tmp_path):
@@ -19,8 +19,9 @@ def test_bench_rows_for_every_budgeted_method(tmp_path):
     names = methods.names()
     path = tmp_path / "cb.pt"
     files.save(path, torch.randn(10, model.config.text_config.hidden_size), ["s"] * 10, {})
+    modules = lvpruning_modules(tmp_path / "lvpruning.safetensors", model.config)
     rows = bench.bench_model("tiny", model, processor, names, budgets=(64,), repeats=1,
-                             params={n: default_params(n, path) for n in names})
+                             params={n: default_params(n, path, modules) for n in names})
     assert [r["method"] for r in rows] == [n for n in names if methods.get(n).uses_budget]
     for row in rows:
         assert row["speedup_predicted"] > 1  # 64 of 576 tokens: fewer operations, whatever the timer says

@@ -7,9 +7,10 @@ x tests/default_methods.DEFAULT_METHODS, on the tiny random model of each family
 3. A left-padded batch equals its prompts run one by one.
 4. Pruning removes tokens, and `run.columns()` holds the kept visual columns and every other one.
 5. The pruned run equals the model fed only the kept tokens by hand (`_by_hand`): the columns
-   `run.columns()` reports, their embeddings (a merging method's own at its merged columns), the
-   mask and positions of `run.position_policy`, greedy decoding continued by hand. Which columns
-   are the right ones is each family's own test; this one tests the sequence surgery.
+   `run.stage_columns()` reports for each stage (pre-LLM and single-stage: `run.columns()`), their
+   embeddings (a merging method's own at its merged columns), the mask and positions of
+   `run.position_policy`, each group of decoder layers on its stage's columns, greedy decoding continued
+   by hand. Which columns are the right ones is each family's own test; this one tests the sequence surgery.
 
 A method a family refuses (`PruningRun.refusals`) must fail at `prune(...)` with a one-line
 ValueError naming it, before any forward: the only accepted way not to run. Each (family, method)
@@ -31,7 +32,7 @@ from harness.testbed import tiny_families as T
 from harness.testbed import world as W
 from methods.codebook_files import save as save_codebook
 
-from default_methods import DEFAULT_METHODS, default_params
+from default_methods import DEFAULT_METHODS, default_params, lvpruning_modules
 
 BUDGET = 0.25
 NEW_TOKENS = 3
@@ -94,6 +95,8 @@ class Family:
         self.ref_singles = [_generate(self.model, s) for s in self.singles]
         self.hooks = _hooks(self.model)  # after a forward: transformers adds its own output-capture hooks then
         self.codebook = self._codebook(folder / f"{name}.pt")
+        #: LVPruning's random modules: a stage before each decoder layer (2 for the LLaVA families, 3 for Qwen's)
+        self.modules = lvpruning_modules(folder / f"{name}-lvpruning.safetensors", self.model.config)
 
     def _codebook(self, path):
         """20 of the model's own visual tokens as the LM reads them (LLM width), perturbed."""
@@ -105,7 +108,7 @@ class Family:
         return save_codebook(path, picked + 0.05 * picked.std() * noise, ["test"] * 20, {})
 
     def params(self, name):
-        return default_params(name, self.codebook)
+        return default_params(name, self.codebook, self.modules)
 
 
 def _visual(model, input_ids):
@@ -124,8 +127,11 @@ def _pruned(model, name, params, inputs, budget=BUDGET, **kwargs):
         out = _generate(model, inputs)
         columns = run.columns()
         out.columns = None if columns is None else columns.clone()
-        out.images = [SimpleNamespace(row=r.row, tokens_in=r.tokens_in, kept=r.kept.clone()) for r in run.images]
-        out.policy, out.stage, out.layer = run.position_policy, run.method.stage, run.layer
+        out.stage_columns = [c.clone() for c in run.stage_columns()]
+        out.images = [SimpleNamespace(row=r.row, tokens_in=r.tokens_in, kept=r.kept.clone(),
+                                      stage_tokens=list(r.extra.get("stage_tokens", [len(r.kept)])))
+                      for r in run.images]
+        out.policy, out.stage, out.layer, out.stages = run.position_policy, run.method.stage, run.layer, run.stages
     return out
 
 
@@ -214,11 +220,14 @@ def _split(positions):
     return (None, positions) if positions.ndim == 3 else (positions, positions)
 
 
-def _layers(lm, hidden, mask2d, positions, cache, layers, layer_idx):
-    """Decoder `layers` in turn, with the mask and rotary embeddings of `mask2d` and `positions`."""
+def _layers(lm, hidden, mask2d, positions, cache, layers):
+    """Decoder `layers` (a range) in turn, with the mask and rotary embeddings of `mask2d` and `positions`; the
+    mask is sized by the cache of the range's first layer (each group of layers has its own cache length)."""
+    if not layers:
+        return hidden
     text, rotary = _split(positions)
     mask = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=cache,
-                              position_ids=text, layer_idx=layer_idx)
+                              position_ids=text, layer_idx=layers[0])
     embeddings = lm.rotary_emb(hidden, rotary)
     for i in layers:
         hidden = lm.layers[i](hidden, attention_mask=mask, position_ids=text, past_key_values=cache, use_cache=True,
@@ -227,40 +236,55 @@ def _layers(lm, hidden, mask2d, positions, cache, layers, layer_idx):
     return hidden
 
 
-def _by_hand(model, full, columns, valid, policy, layer=0, embeds=None, steps=NEW_TOKENS):
-    """Greedy decoding of the model fed only the kept `columns` (B, T') of the unpruned LM inputs `full`
-    (inputs_embeds, attention_mask, position_ids); `valid` (B, T') marks the columns that are the row's
-    (the rest are the left padding pruning adds). Pre-LLM (layer 0): the LM on the gathered inputs
-    (`embeds`: the gathered embeddings, merged ones in place). In-LLM (layer K): layers < K on the full
-    sequence, the rest on its kept columns. Positions: `original` gathered from the unpruned ones (every
-    leading row), `renumber` contiguous from the mask. A new token's position is the (pruned) prompt's
-    last + 1 + step. Returns (tokens (B, n), logits (B, n, V)) as generate() gives them."""
+def _locate(before, before_valid, columns, valid):
+    """(B, T_s) where each of a stage's `columns` sits among the previous stage's (`before`); asserts a stage
+    keeps only columns the previous one kept (padding, `valid` False, may point anywhere: it is masked)."""
+    match = (before[:, None, :] == columns[:, :, None]) & before_valid[:, None, :]
+    assert bool(match.any(-1)[valid].all()), "a stage kept a column the previous stage had removed"
+    return match.int().argmax(-1)
+
+
+def _by_hand(model, full, stages, policy, layers=(0,), embeds=None, steps=NEW_TOKENS):
+    """Greedy decoding of the model fed only the kept columns of the unpruned LM inputs `full` (inputs_embeds,
+    attention_mask, position_ids), stage by stage: `stages` holds, for each stage s, (columns (B, T_s), valid
+    (B, T_s)): the full-sequence columns its layers see, and which of them are the row's (the rest: the left
+    padding pruning adds). Layers [0, K_1) run on the full sequence, [K_s, K_s+1) on stage s's columns (the last
+    up to the decoder's end), with `layers` = (K_1, K_2, ...); pre-LLM is one stage at layer 0 (`embeds`: its
+    gathered embeddings, merged ones in place). Each group has its own mask, positions (`original` gathered from
+    the unpruned ones, every leading row; `renumber` contiguous from the stage's mask) and cache layers. A new
+    token's position in a group is its prompt's last + 1 + step. Returns (tokens (B, n), logits (B, n, V)) as
+    generate() gives them."""
     lm = model.model.language_model
     e_full, m_full, p_full = full["inputs_embeds"], full["attention_mask"], full["position_ids"]
     if m_full is None:  # generate() passes none for an unpadded batch
         m_full = torch.ones(e_full.shape[:2], dtype=torch.long)
-    mask = m_full.gather(1, columns) * valid
-    if policy == "original":
-        positions = p_full.gather(-1, columns.expand(*p_full.shape[:-2], -1, -1))
-    else:
-        assert p_full.ndim == 2, "M-RoPE positions are gathered, never renumbered"
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=lm.config)
-    with torch.no_grad():
-        if layer == 0:
-            if embeds is None:
-                embeds = e_full.gather(1, columns[..., None].expand(-1, -1, e_full.shape[-1]))
-            hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True).last_hidden_state
+    assert len(stages) == len(layers)
+    bounds = list(layers) + [len(lm.layers)]
+    groups = []  # per stage: (columns, valid, mask, positions, its layers)
+    for s, (columns, valid) in enumerate(stages):
+        mask = m_full.gather(1, columns) * valid
+        if policy == "original":
+            positions = p_full.gather(-1, columns.expand(*p_full.shape[:-2], -1, -1))
         else:
-            n = len(lm.layers)
-            hidden = _layers(lm, e_full, m_full, p_full, cache, range(layer), 0)
-            hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
-            hidden = lm.norm(_layers(lm, hidden, mask, positions, cache, range(layer, n), layer))
-        logits = model.lm_head(hidden[:, -1])
+            assert p_full.ndim == 2, "M-RoPE positions are gathered, never renumbered"
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        groups.append((columns, valid, mask, positions, range(bounds[s], bounds[s + 1])))
+    cache = DynamicCache(config=lm.config)
+    batch, length = m_full.shape
+    with torch.no_grad():
+        hidden = _layers(lm, e_full, m_full, p_full, cache, range(layers[0]))
+        before, before_valid = torch.arange(length).expand(batch, -1), torch.ones(batch, length, dtype=torch.bool)
+        for s, (columns, valid, mask, positions, group) in enumerate(groups):
+            where = _locate(before, before_valid, columns, valid)
+            hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+            if s == 0 and embeds is not None:
+                hidden = embeds
+            hidden = _layers(lm, hidden, mask, positions, cache, group)
+            before, before_valid = columns, valid
+        logits = model.lm_head(lm.norm(hidden[:, -1]))
         config = model.generation_config
         eos = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
-        unfinished = torch.ones(len(columns), dtype=torch.bool)
+        unfinished = torch.ones(batch, dtype=torch.bool)
         tokens, scores = [], []
         for step in range(steps):
             token = torch.where(unfinished, logits.argmax(-1), torch.tensor(config.pad_token_id))
@@ -269,32 +293,42 @@ def _by_hand(model, full, columns, valid, policy, layer=0, embeds=None, steps=NE
             unfinished &= ~torch.isin(token, eos)
             if step == steps - 1 or not unfinished.any():
                 break
-            x = model.get_input_embeddings()(token)[:, None]
-            new = torch.ones(len(token), step + 1, dtype=mask.dtype)
-            pos_kept = positions[..., -1:] + 1 + step
-            if layer == 0:
-                hidden = lm(inputs_embeds=x, attention_mask=torch.cat([mask, new], 1), position_ids=pos_kept,
-                            past_key_values=cache, use_cache=True).last_hidden_state
-            else:
-                hidden = _layers(lm, x, torch.cat([m_full, new.to(m_full.dtype)], 1), p_full[..., -1:] + 1 + step,
-                                 cache, range(layer), 0)
-                hidden = lm.norm(_layers(lm, hidden, torch.cat([mask, new], 1), pos_kept, cache,
-                                         range(layer, len(lm.layers)), layer))
-            logits = model.lm_head(hidden[:, -1])
+            hidden = model.get_input_embeddings()(token)[:, None]
+            new = torch.ones(batch, step + 1, dtype=m_full.dtype)
+            hidden = _layers(lm, hidden, torch.cat([m_full, new], 1), p_full[..., -1:] + 1 + step, cache,
+                             range(layers[0]))
+            for _, _, mask, positions, group in groups:
+                hidden = _layers(lm, hidden, torch.cat([mask, new.to(mask.dtype)], 1), positions[..., -1:] + 1 + step,
+                                 cache, group)
+            logits = model.lm_head(lm.norm(hidden[:, -1]))
     return torch.stack(tokens, 1), torch.stack(scores, 1)
 
 
-def _valid(run, length, visual_per_row):
-    """(B, T') the pruned columns that hold a column of the row (the rest: padding pruning added)."""
-    columns = run.columns
-    valid = torch.zeros_like(columns, dtype=torch.bool)
-    lengths = []  # each row's pruned length: every column but its dropped visual ones
-    for b in range(len(columns)):
+def _valids(run, length, visual_per_row):
+    """For each stage, (B, T_s) the stage's columns that hold a column of the row (the rest: padding pruning
+    added), from the records: a row's stage-s length is every column but the visual ones its images had
+    dropped by then (tokens_in - stage_tokens[s])."""
+    assert run.stage_columns and torch.equal(run.stage_columns[-1], run.columns)
+    for r in run.images:
+        assert len(r.stage_tokens) == len(run.stage_columns) and r.stage_tokens[-1] == len(r.kept)
+    for b in range(len(run.columns)):
         assert sum(r.tokens_in for r in run.images if r.row == b) == visual_per_row[b]
-        lengths.append(length - sum(r.tokens_in - len(r.kept) for r in run.images if r.row == b))
-        valid[b, columns.shape[1] - lengths[-1]:] = True
-    assert columns.shape[1] == max(lengths)  # as long as the longest pruned row, no longer
-    return valid
+    valids = []
+    for s, columns in enumerate(run.stage_columns):
+        valid = torch.zeros_like(columns, dtype=torch.bool)
+        lengths = []
+        for b in range(len(columns)):
+            lengths.append(length - sum(r.tokens_in - r.stage_tokens[s] for r in run.images if r.row == b))
+            valid[b, columns.shape[1] - lengths[-1]:] = True
+        assert columns.shape[1] == max(lengths)  # as long as the stage's longest row, no longer
+        assert not columns[~valid].any()  # the padding pruning adds holds column 0
+        valids.append(valid)
+    return valids
+
+
+def _valid(run, length, visual_per_row):
+    """(B, T') the last stage's columns (`run.columns`) that hold a column of the row."""
+    return _valids(run, length, visual_per_row)[-1]
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -312,14 +346,15 @@ def test_by_hand_decoding_reproduces_the_unpruned_generation(zoo, family):
     fam = zoo.family(family)
     full = fam.ref.calls[0]
     batch, length = full["attention_mask"].shape
-    columns = torch.arange(length).expand(batch, -1).contiguous()
-    valid = torch.ones_like(columns, dtype=torch.bool)
+    every = (torch.arange(length).expand(batch, -1).contiguous(), torch.ones(batch, length, dtype=torch.bool))
     policies = ["original"] + (["renumber"] if full["position_ids"].ndim == 2 else [])
+    depth = len(fam.model.model.language_model.layers)
+    schedules = [(0,), (1,), (0, 1)] + ([(1, 2), (0, 1, 2)] if depth > 2 else [])
     for policy in policies:
-        for layer in (0, 1):
-            tokens, scores = _by_hand(fam.model, full, columns, valid, policy, layer)
-            assert torch.equal(tokens, fam.ref.tokens), (policy, layer)
-            assert torch.allclose(scores, fam.ref.scores, atol=1e-5, rtol=0), (policy, layer)
+        for layers in schedules:
+            tokens, scores = _by_hand(fam.model, full, [every] * len(layers), policy, layers)
+            assert torch.equal(tokens, fam.ref.tokens), (policy, layers)
+            assert torch.allclose(scores, fam.ref.scores, atol=1e-5, rtol=0), (policy, layers)
 
 
 @pytest.mark.parametrize("family,name", PAIRS, ids=PAIR_IDS)
@@ -388,12 +423,14 @@ def test_pruning_removes_tokens_and_the_columns_say_which_remain(zoo, family, na
 
 
 def _check_equivalence(fam, name, run, full, inputs):
-    """The pruned run `run` of `inputs` equals `_by_hand` on the unpruned LM inputs `full`."""
+    """The pruned run `run` of `inputs` equals `_by_hand` on the unpruned LM inputs `full`, stage by stage."""
     ids = inputs["input_ids"]
-    valid = _valid(run, ids.shape[1], fam.adapter.visual_tokens_per_row(fam.model, inputs))
-    embeds, layer = None, 0
+    valids = _valids(run, ids.shape[1], fam.adapter.visual_tokens_per_row(fam.model, inputs))
+    valid = valids[-1]
+    embeds, layers = None, (0,)
     if run.stage == "in_llm":
-        layer = run.layer
+        layers = run.stages
+        assert run.layer == layers[0]
     else:
         gathered = full["inputs_embeds"].gather(1, run.columns[..., None].expand(-1, -1,
                                                                                  full["inputs_embeds"].shape[-1]))
@@ -404,7 +441,7 @@ def _check_equivalence(fam, name, run, full, inputs):
             assert not merged.any()
         assert not (merged & ~_visual(fam.model, ids.gather(1, run.columns))).any()  # only visual tokens merge
         embeds = torch.where(merged[..., None], seen, gathered)
-    tokens, scores = _by_hand(fam.model, full, run.columns, valid, run.policy, layer, embeds)
+    tokens, scores = _by_hand(fam.model, full, list(zip(run.stage_columns, valids)), run.policy, layers, embeds)
     assert torch.equal(tokens, run.tokens)
     assert torch.allclose(scores, run.scores, atol=1e-5, rtol=0)
 

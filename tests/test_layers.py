@@ -23,6 +23,7 @@ LAYERS = {
     "harness.protocol": 4,
     "harness.evaluation": 5,
     "harness.codebook": 5,
+    "harness.lvpruning": 5,
     "harness.bench": 6,
     "harness.reports": 6,
     "harness.cli": 7,

@@ -5,6 +5,8 @@ Runs on a tiny randomly initialised `LlavaForConditionalGeneration` of the testb
 visual tokens per image), through the public `prune(...)` context manager around `generate`.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from harness.testbed import world as W
 from methods.base import Method, VisualContext, top_k
 from methods.codebook_files import save as save_codebook
 
-from default_methods import DEFAULT_METHODS, default_params
+from default_methods import DEFAULT_METHODS, default_params, lvpruning_modules
 
 N = W.GRID * W.GRID
 
@@ -45,6 +47,12 @@ def tiny_codebook(tiny, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_modules(tiny, tmp_path_factory):
+    """LVPruning's modules for the tiny model (2 decoder layers: stages before layers 0 and 1), random."""
+    return lvpruning_modules(tmp_path_factory.mktemp("lvpruning") / "modules.safetensors", tiny[0].config)
+
+
 def _inputs(processor, samples):
     texts = [M.format_prompt(s["question"], len(s["scenes"])) for s in samples]
     images = [[W.render_pil(sc) for sc in s["scenes"]] for s in samples]
@@ -67,11 +75,11 @@ def test_default_methods_name_every_registered_method():
 
 
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
-def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, tiny_codebook, name):
+def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, tiny_codebook, tiny_modules, name):
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:2])
     ref_tokens, ref_scores = _generate(model, inputs)
-    params = default_params(name, tiny_codebook)
+    params = default_params(name, tiny_codebook, tiny_modules)
     if methods.get(name, **params).adaptive:
         params["tau"] = 1.0  # a threshold above every similarity keeps every token
     with prune(model, name, budget=N, **params) as run:
@@ -81,14 +89,14 @@ def test_a_budget_that_keeps_every_token_gives_the_unpruned_outputs(tiny, tiny_c
 
 
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
-def test_the_model_is_unchanged_after_the_block(tiny, tiny_codebook, name):
+def test_the_model_is_unchanged_after_the_block(tiny, tiny_codebook, tiny_modules, name):
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = _generate(model, inputs)
     hooks = lambda: [(n, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for n, m in model.named_modules()]  # noqa: E731
     hooks_before = hooks()
-    with prune(model, name, budget=32, **default_params(name, tiny_codebook)):
+    with prune(model, name, budget=32, **default_params(name, tiny_codebook, tiny_modules)):
         _generate(model, inputs)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -98,7 +106,7 @@ def test_the_model_is_unchanged_after_the_block(tiny, tiny_codebook, name):
 
 
 @pytest.mark.parametrize("name", [n for n in DEFAULT_METHODS if methods.get(n).uses_budget])
-def test_pruning_removes_tokens_and_changes_the_forward(tiny, tiny_codebook, name):
+def test_pruning_removes_tokens_and_changes_the_forward(tiny, tiny_codebook, tiny_modules, name):
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:1])
     lengths = []
@@ -107,7 +115,7 @@ def test_pruning_removes_tokens_and_changes_the_forward(tiny, tiny_codebook, nam
     try:
         with torch.no_grad():
             full = model(**inputs).logits[0, -1]
-            with prune(model, name, budget=32, **default_params(name, tiny_codebook)) as run:
+            with prune(model, name, budget=32, **default_params(name, tiny_codebook, tiny_modules)) as run:
                 pruned = model(**inputs).logits[0, -1]
     finally:
         handle.remove()
@@ -117,11 +125,11 @@ def test_pruning_removes_tokens_and_changes_the_forward(tiny, tiny_codebook, nam
 
 
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
-def test_a_padded_batch_of_four_equals_four_single_runs(tiny, tiny_codebook, name):
+def test_a_padded_batch_of_four_equals_four_single_runs(tiny, tiny_codebook, tiny_modules, name):
     model, processor = tiny
     batch_inputs = _inputs(processor, SAMPLES)  # different prompt lengths: left padding
     assert (batch_inputs["attention_mask"] == 0).any()
-    with prune(model, name, budget=48, **default_params(name, tiny_codebook)) as run:
+    with prune(model, name, budget=48, **default_params(name, tiny_codebook, tiny_modules)) as run:
         tokens, scores = _generate(model, batch_inputs)
         batch_kept = [r.kept for r in run.images]
         singles = [_generate(model, _inputs(processor, [s])) for s in SAMPLES]
@@ -147,9 +155,10 @@ def _context(n=N, d=16, seed=0):
     feats = torch.randn(n, d, generator=g)
     vision = torch.randn(n, 8, generator=g)
     proj = torch.nn.Linear(8, d)
+    text = torch.randn(5, d, generator=g)
     return VisualContext(features=feats, grid=(24, 24), image_seed=lambda: seed, vision_features=vision, project=proj,
                          cls_attention=lambda: torch.rand(n, generator=torch.Generator().manual_seed(1)),
-                         vision_keys=lambda: vision, attention_row=torch.rand(n, generator=g))
+                         vision_keys=lambda: vision, attention_row=torch.rand(n, generator=g), text_features=text)
 
 
 @pytest.fixture
@@ -160,10 +169,17 @@ def context_codebook(tmp_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def context_modules(tmp_path_factory):
+    """LVPruning modules of `_context()`'s width (16) for a 2-layer decoder, random."""
+    config = SimpleNamespace(hidden_size=16, num_hidden_layers=2)
+    return lvpruning_modules(tmp_path_factory.mktemp("context-lvpruning") / "modules.safetensors", config)
+
+
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
-def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name, context_codebook):
+def test_kept_indices_are_sorted_distinct_and_the_top_scored_ones(name, context_codebook, context_modules):
     ctx = _context()
-    method = methods.get(name, **default_params(name, context_codebook))
+    method = methods.get(name, **default_params(name, context_codebook, context_modules))
     k = 64 if method.uses_budget else N
     kept = method.select(ctx, k).kept
     assert torch.equal(kept, kept.unique())  # unique() sorts
@@ -263,31 +279,32 @@ def test_budgets_are_parsed_and_checked_as_typed():
 
 
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
-def test_a_budget_of_zero_selects_nothing(name, context_codebook):
+def test_a_budget_of_zero_selects_nothing(name, context_codebook, context_modules):
     ctx = _context()
-    method = methods.get(name, **default_params(name, context_codebook))
+    method = methods.get(name, **default_params(name, context_codebook, context_modules))
     if not method.uses_budget or method.adaptive:
         pytest.skip(f"{name} decides how many tokens it keeps")
     kept = method.select(ctx, 0).kept
     assert kept.dtype == torch.long and kept.shape == (0,)
 
 
-@pytest.mark.parametrize("name", ["gprune", "divprune", "lofi", "fastv", "random"])
+@pytest.mark.parametrize("name", ["gprune", "divprune", "lofi", "fastv", "random", "lvpruning"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_features_are_refused_before_the_method_sees_them(tiny, name, bad):
+def test_non_finite_features_are_refused_before_the_method_sees_them(tiny, tiny_modules, name, bad):
     """A NaN (or inf) row, as an fp16 overflow makes: one clear error naming the image, the method
     and the dtype, from the adapter, before any method chooses from it."""
     from harness.adapters import NonFiniteFeatures
 
     model, processor = tiny
     inputs = _inputs(processor, SAMPLES[:2])
-    # One token's projector output (FastV: the hidden state entering layer K-1 = 0, the same row).
+    # One token's projector output (FastV: the hidden state entering layer K-1 = 0, the same row; LVPruning's
+    # first stage: the hidden state entering layer 0).
     handle = model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, out: out.index_fill(1, torch.tensor([5]), bad))
     try:
         with pytest.raises(NonFiniteFeatures, match=rf"image 0 of the batch: the features handed to {name} hold "
                                                      r"\d+ non-finite value\(s\) \(NaN or inf\) of \d+, in float32"):
-            with prune(model, name, budget=64, **default_params(name)):
+            with prune(model, name, budget=64, **default_params(name, modules=tiny_modules)):
                 _generate(model, inputs)
     finally:
         handle.remove()

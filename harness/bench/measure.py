@@ -34,7 +34,7 @@ from .models import (
     SCALED_LLAVA,
     SCALED_VOCAB,
     cells,
-    codebook_params,
+    stand_in_params,
     prompt,
     scaled_llava,
 )
@@ -114,7 +114,7 @@ def run_bench(method_names, output: Path, repeats=5, budgets=BUDGETS, models=MOD
                 params = {}
             else:
                 model, processor = scaled_llava()
-                params = codebook_params(model, method_names, output)
+                params = stand_in_params(model, method_names, output)
                 say(f"{name}: {_shape(SCALED_LLAVA)}, vocabulary {SCALED_VOCAB}")
             rows += bench_model(name, model, processor, method_names, budgets, repeats, params=params,
                                 progress=lambda row: bar.update(1), batch=batch)

@@ -4,7 +4,6 @@ layer-extrapolated cost model (cost_model.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -79,8 +78,25 @@ def cells(model, method_names, budgets, params=None, say=print) -> list[tuple]:
             for m, inst in instances.items() if inst.uses_budget for b in budgets]
 
 
-def codebook_params(model, method_names, output: Path) -> dict:
-    import methods as registry
+def stand_in_params(model, method_names, output: Path) -> dict:
+    """Parameters that stand in for what a random-weight model lacks: a codebook (`stand_in_codebook`) for the
+    codebook methods, random LVPruning modules (`stand_in_modules`) for lvpruning."""
+    params = {}
+    for m in method_names:
+        if m == "lvpruning":
+            params[m] = {"path": str(stand_in_modules(model, output))}
+        elif m in ("codebook", "codebook_fixed"):
+            params[m] = {"path": str(stand_in_codebook(model, output))}
+    return params
 
-    return {m: {"path": str(stand_in_codebook(model, output))} for m in method_names
-            if "path" in {f.name for f in dataclasses.fields(type(registry.get(m)))}}
+
+def stand_in_modules(model, folder: Path) -> Path:
+    """LVPruning modules for a random-weight model: random (seeded), of its width, at the paper's layers mapped
+    to its depth and the paper's targets. The cost is the trained modules', the choices are meaningless."""
+    from methods import lvpruning_modules as files
+
+    text = model.config.text_config
+    layers = files.mapped_layers(text.num_hidden_layers)
+    return files.save(folder / "stand_in_lvpruning.safetensors", files.build(text.hidden_size, len(layers)),
+                      layers=layers, decoder_layers=text.num_hidden_layers, targets=files.PAPER_TARGETS,
+                      training={"note": stand_in_modules.__doc__})

@@ -1,4 +1,4 @@
-"""`harness` command line: run evaluations, benchmark, build codebooks, train the testbed.
+"""`harness` command line: run evaluations, benchmark, build codebooks, train the testbed and LVPruning's modules.
 
 One module per subcommand, each with `add_parser(subparsers)`; its handler raises an
 `harness.errors.InputError` for bad input, which `main` reports once: one line, exit 2.
@@ -11,9 +11,9 @@ import sys
 
 from harness.errors import InputError
 
-from . import analyze, bench, codebook, leaderboard, regress, run, testbed
+from . import analyze, bench, codebook, leaderboard, lvpruning, regress, run, testbed
 
-SUBCOMMANDS = (run, bench, codebook, analyze, leaderboard, regress, testbed)
+SUBCOMMANDS = (run, bench, codebook, analyze, leaderboard, regress, testbed, lvpruning)
 
 
 def build_parser() -> argparse.ArgumentParser:

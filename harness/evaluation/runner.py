@@ -109,6 +109,14 @@ def _task_data_version() -> str:
     return file_hash(manifests)[:16] if manifests else "none"
 
 
+def _method_files(method) -> dict:
+    """The content hash of the files a method reads (its codebook, its trained modules), when it reads any."""
+    from .store import file_hash
+
+    paths = method.files()
+    return {"method_files": file_hash(paths)[:16]} if paths else {}
+
+
 def _provenance(config: RunConfig, model_path: Path, fingerprint: dict, lm) -> dict:
     import platform
     from importlib.metadata import version
@@ -224,7 +232,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
         lm.configure(instances[method], budget)
         lm.pop_records()
         determined_by = {**fingerprint, "method": method, "method_repr": repr(lm.method), "budget": budget,
-                         "budget_scope": config.budget_scope, "model_args": config.extra}  # e.g. video_frames
+                         "budget_scope": config.budget_scope, "model_args": config.extra,  # e.g. video_frames
+                         **_method_files(lm.method)}
         key = cell_key(determined_by)
         cached = store.finished(key)
         if cached is not None:  # finished in an earlier (possibly interrupted) run: not recomputed
