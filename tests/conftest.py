@@ -70,3 +70,15 @@ def tiny_tasks_dir(tmp_path_factory):
         "generation_kwargs:\n  max_new_tokens: 3\n  do_sample: false\n  until: [\"\\n\"]\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on 2 shared cores, intra-op threads cost ~10x more than they save (a module's tests run on
+    one thread; `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

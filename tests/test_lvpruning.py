@@ -38,13 +38,7 @@ from test_families import (NEW_TOKENS, _by_hand, _check_equivalence, _generate, 
 BUDGET = 0.25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: on 2 shared cores, intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
 
 class Tiny:

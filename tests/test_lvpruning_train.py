@@ -31,13 +31,7 @@ LAYERS = (0, 1)  # the tiny decoder has 2 layers: LLaVA's mapping collides there
 N = W.GRID * W.GRID
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: on 2 shared cores, intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")
