@@ -54,6 +54,23 @@ class RunConfig:
     budget_scope: str = DEFAULT_BUDGET_SCOPE
     params: dict = field(default_factory=dict)  # per method: {"lofi": {"center": True}}
     extra: dict = field(default_factory=dict)
+    shard: str | None = None  # "I/N": this job's share of the grid (parse_shard); None: every cell. Not a protocol key
+
+
+def parse_shard(text) -> tuple[int, int] | None:
+    """`--shard I/N` as (I, N), I 1-based (a job array of N jobs numbered 1..N), None for no shard. Job I runs
+    the unpruned reference and every N-th other cell of the grid from the I-th; a ProtocolError otherwise."""
+    if text is None:
+        return None
+    index, sep, count = str(text).strip().partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = 0
+    if not sep or not 1 <= i <= n:
+        raise ProtocolError(f"shard: expected I/N with 1 <= I <= N (this job's number, counted from 1, and the "
+                            f"number of jobs), e.g. 1/4, got {text!r}")
+    return i, n
 
 
 def parse_limit(text) -> int | float | None:

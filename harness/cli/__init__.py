@@ -11,9 +11,9 @@ import sys
 
 from harness.errors import InputError
 
-from . import analyze, bench, codebook, leaderboard, lvpruning, regress, run, testbed
+from . import analyze, bench, codebook, leaderboard, lvpruning, merge, regress, run, testbed
 
-SUBCOMMANDS = (run, bench, codebook, analyze, leaderboard, regress, testbed, lvpruning)
+SUBCOMMANDS = (run, merge, bench, codebook, analyze, leaderboard, regress, testbed, lvpruning)
 
 
 def build_parser() -> argparse.ArgumentParser:

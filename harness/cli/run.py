@@ -20,7 +20,7 @@ def limit(text: str):
 #: RunConfig fields that flags set. Their argparse default is SUPPRESS: a flag not given is absent and
 #: leaves the protocol's value (the file's, or the default); `--limit all` is present, as None.
 FLAGS = ("methods", "budgets", "tasks", "model", "model_name", "limit", "output", "batch_size", "device", "dtype",
-         "log_level", "timing_repeats")
+         "log_level", "timing_repeats", "shard")
 
 
 def config_from(args) -> protocol.RunConfig:
@@ -75,6 +75,10 @@ def add_parser(sub) -> None:
     run.add_argument("--budget-scope", dest="budget_scope", choices=BUDGET_SCOPES, default=argparse.SUPPRESS,
                      help="an image of several parts (LLaVA-NeXT / OneVision: base view and crops): split the budget "
                           "over them in proportion (image, the default) or give it to each part (part)")
+    run.add_argument("--shard", default=argparse.SUPPRESS, metavar="I/N",
+                     help="job I of N (I from 1 to N, e.g. a job array's index) sharing one sweep: the unpruned "
+                          "reference and every N-th other cell of the grid from the I-th; cells keep their keys, "
+                          "so `harness merge` joins the N output folders into the sweep's (default: every cell)")
     run.add_argument("--params", action="append", metavar="METHOD:KEY=VALUE[;KEY=VALUE]",
                      help="a method's parameters, e.g. --params 'lofi:center=true' (repeatable)")
     run.set_defaults(func=_run, prog_name="harness run")

@@ -16,6 +16,9 @@ Outputs, under ``--output DIR``:
   (media-free doc, target, responses, per-sample metrics) plus ``records``, the backend's
   per-request records (generated ids, first-token log-probs, visual tokens in/kept) by request idx.
 * ``DIR/results/<method>_<budget>.json``: lmms-eval's results dict without the samples (provenance).
+
+``--shard I/N`` runs job I's share of the grid (`shard_cells`), the cells' keys unchanged, so N jobs' folders
+merge into the sweep's (``harness.evaluation.merge``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 from harness.budget import check_scope  # noqa: E402
 from harness.metrics.consistency import SampleView  # noqa: E402  (light: numpy)
-from harness.protocol import DEFAULT_MODEL, RunConfig  # noqa: E402
+from harness.protocol import DEFAULT_MODEL, ProtocolError, RunConfig, parse_shard  # noqa: E402
 
 from .grid import (RunError, budget_label, cells, check_budgets, parse_budgets, parse_params,  # noqa: E402,F401
                    resolve_methods, resolve_tasks)
@@ -74,6 +77,18 @@ def model_label(path: Path, name: str | None) -> str:
         return "testbed"
     hub_id = hub_id_of(path)  # a snapshot folder is named by its commit: the model's name is the id's
     return hub_id.split("/")[-1] if hub_id else path.name
+
+
+def shard_cells(grid: list[tuple], shard: tuple[int, int] | None) -> list[tuple]:
+    """Job I of N's cells (`--shard I/N`): the unpruned reference, which every cell's paired metrics are
+    computed against, and every N-th other cell by its position in the grid from the I-th, in grid order.
+    What is already finished does not move the assignment; the shards together hold every cell once."""
+    if shard is None:
+        return list(grid)
+    i, n = shard
+    others = [cell for cell in grid if cell[0] != "none"]
+    mine = set(others[i - 1::n])
+    return [cell for cell in grid if cell[0] == "none" or cell in mine]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -159,6 +174,10 @@ def run(config: RunConfig, out=None) -> list[dict]:
         check_scope(config.budget_scope)
     except ValueError as e:
         raise RunError(f"--budget-scope: {e}") from None
+    try:
+        shard = parse_shard(config.shard)
+    except ProtocolError as e:
+        raise RunError(f"--{e}") from None
     grid = cells(method_names, budgets)
     tasks = resolve_tasks(config.tasks)
     model_path = resolve_model(config.model)
@@ -224,6 +243,13 @@ def run(config: RunConfig, out=None) -> list[dict]:
             left_out[method] = str(e)
             say(f"  left out of --methods all: {method}: {e}")
     grid = [(m, b) for m, b in grid if m in instances]
+    if shard is not None:  # after every method is checked: each shard refuses what the whole grid would
+        mine = shard_cells(grid, shard)
+        others = [c for c in grid if c[0] != "none"]
+        positions = [str(p) for p, c in enumerate(others, 1) if c in mine]
+        say(f"  shard {shard[0]}/{shard[1]}: {len(mine)} of the grid's {len(grid)} cell(s): the unpruned reference "
+            f"and other cell(s) {', '.join(positions) or '(none)'} of {len(others)}")
+        grid = mine
     run_id = store.start_run({**_provenance(config, model_path, fingerprint, lm), "left_out": left_out})
 
     rows: list[dict] = []

@@ -59,7 +59,7 @@ SUMMARY_COLUMNS = ("model", "method", "budget", "task", "metric", "value")  # lo
 #: less the modules that only read finished runs or build things a run loads from files.
 RESULT_CODE = ("methods", "harness", "tasks")
 REPORT_ONLY = ("harness/reports/", "harness/bench/", "harness/cli/", "harness/codebook/analyze.py",
-               "harness/testbed/training/", "harness/lvpruning/")
+               "harness/testbed/training/", "harness/lvpruning/", "harness/evaluation/merge.py")
 
 
 def code_version(repo: Path) -> str:
