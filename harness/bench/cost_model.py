@@ -153,19 +153,23 @@ def bench(method_names, budgets, repeats: int, output, progress=None, batch: int
     from harness.adapters import adapter_for
     from harness.metrics import flops
 
+    import methods as registry
+
     from .models import cells, stand_in_params
 
     arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch or llava_15()
     name = f"{arch.name} (layer-extrapolated)"
     model, processor = arch.build()
     inputs = arch.prompt(processor, batch)
-    # A multi-stage method's later stages sit deeper than the few decoder layers that run here.
-    deep = [m for m in method_names if m == "lvpruning"]
-    for m in deep:
-        print(f"{name}: {m} left out: its stages sit at the paper's depths (layers 1, 8, 16 of 32), beyond the "
-              f"{model.config.text_config.num_hidden_layers} decoder layers this extrapolation runs")
-    method_names = [m for m in method_names if m not in deep]
-    grid = cells(model, method_names, budgets, stand_in_params(model, method_names, output))
+    params = stand_in_params(model, method_names, output)
+    # A multi-stage method's later stages sit deeper than the few decoder layers that run here: the formula's
+    # tokens per missing layer would be its last stage's count from the reduced depth on, which it is not.
+    reduced = model.config.text_config.num_hidden_layers
+    for m in [m for m in method_names if len(registry.get(m, **params.get(m, {})).stage_layers()) > 1]:
+        print(f"{name}: {m} left out: its pruning stages need the full decoder depth, and this extrapolation "
+              f"runs {reduced} decoder layers")
+        method_names = [n for n in method_names if n != m]
+    grid = cells(model, method_names, budgets, params)
     full_config = arch.full_config(processor.tokenizer)
     run = adapter_for(model).PruningRun
     paths = {"vision_module": run.vision_module, "projector_module": run.projector_module}
