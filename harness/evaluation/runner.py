@@ -161,6 +161,28 @@ def _refusing_bad_features(method: str, budget: str, out_dir: Path):
         raise
 
 
+def _measure(lm, views: dict, timing_repeats: int) -> tuple[dict, dict]:
+    """Per task, the cell's operation counts and (with repeats) its timing pass medians; and per task the
+    timing pass's spread (details for the store)."""
+    measured, spread = {}, {}
+    for task in views:
+        measured[task] = dict(lm.flops(task))
+        if timing_repeats:
+            timed = lm.timings(task, timing_repeats)
+            measured[task].update(timed["medians"])
+            spread[task] = timed
+    return measured, spread
+
+
+def _write_cell_files(out_dir: Path, res: dict, by_doc: dict, method: str, budget) -> None:
+    """The cell's samples/ files and its lmms-eval results (provenance) under results/."""
+    write_samples(out_dir, res, by_doc, method, budget)
+    results_dir = out_dir / "results"
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / f"{method}_{budget_label(budget, method)}.json").write_text(
+        json.dumps(jsonable({k: v for k, v in res.items() if k != "samples"}), indent=1))
+
+
 def run(config: RunConfig, out=None) -> list[dict]:
     """Evaluate every (method, budget) cell on the tasks and write the outputs. Returns the rows."""
     def say(msg: str) -> None:
@@ -285,25 +307,15 @@ def run(config: RunConfig, out=None) -> list[dict]:
                 lm.reference_answers = _reference_answers(records)
             cell_rows = (summary_rows(res, label, method, budget)
                          + paired_rows(reference, views, label, method, budget))
-            timing_spread = {}
-            for task in views:
-                measured = dict(lm.flops(task))
-                if config.timing_repeats:
-                    timed = lm.timings(task, config.timing_repeats)
-                    measured.update(timed["medians"])
-                    timing_spread[task] = timed
-                cell_rows += [summary_row(label, method, budget, task, metric, float(value))
-                              for metric, value in measured.items()]
+            measured, timing_spread = _measure(lm, views, config.timing_repeats)
+            cell_rows += [summary_row(label, method, budget, task, metric, float(value))
+                          for task, metrics in measured.items() for metric, value in metrics.items()]
             rows += cell_rows
             store.save_cell(key, run_id, determined_by, cell_rows,
                             [(task, doc, asdict(view), by_doc.get((task, doc), []))
                              for task, docs in views.items() for doc, view in docs.items()],
                             details={"timing": timing_spread})
-        write_samples(out_dir, res, by_doc, method, budget)
-        results_dir = out_dir / "results"
-        results_dir.mkdir(exist_ok=True)
-        (results_dir / f"{method}_{budget_label(budget, method)}.json").write_text(
-            json.dumps(jsonable({k: v for k, v in res.items() if k != "samples"}), indent=1))
+        _write_cell_files(out_dir, res, by_doc, method, budget)
         write_summary(out_dir / SUMMARY, rows)  # after every cell: an interrupted sweep keeps its rows
         acc = [r for r in cell_rows if r["metric"] == "accuracy"]
         mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
