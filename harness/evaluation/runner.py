@@ -17,6 +17,9 @@ Outputs, under ``--output DIR``:
   per-request records (generated ids, first-token log-probs, visual tokens in/kept) by request idx.
 * ``DIR/results/<method>_<budget>.json``: lmms-eval's results dict without the samples (provenance).
 
+Under ``torchrun`` or ``accelerate launch`` the run is data parallel (``harness.evaluation.distributed``): each rank
+evaluates its share of every task's documents, rank 0 gathers the records, measures and writes.
+
 ``--shard I/N`` runs job I's share of the grid (`shard_cells`), the cells' keys unchanged, so N jobs' folders
 merge into the sweep's (``harness.evaluation.merge``).
 """
@@ -41,6 +44,7 @@ from .grid import (RunError, budget_label, cells, check_budgets, parse_budgets, 
                    resolve_methods, resolve_tasks)
 from .outputs import (format_table, jsonable, paired_rows, records_by_doc, sample_views, summary_row,  # noqa: E402
                       summary_rows, write_samples, write_summary)
+from .distributed import Ranks  # noqa: E402
 from .store import STORE, SUMMARY, Store, cell_key, code_version, git_commit, model_hash  # noqa: E402
 from .task_sources import check_task_data, task_manager_for, video_tasks  # noqa: E402
 
@@ -161,6 +165,13 @@ def _refusing_bad_features(method: str, budget: str, out_dir: Path):
         raise
 
 
+def _gathered(ranks: Ranks, records: dict) -> dict | None:
+    """The per-request records of every rank, on rank 0 (keys are (task, doc_id, idx): ranks' documents are
+    disjoint; lmms-eval pads a short rank with copies of its last request, which give the same record)."""
+    parts = ranks.gather(records)
+    return None if parts is None else {key: r for part in parts for key, r in part.items()}
+
+
 def _measure(lm, views: dict, timing_repeats: int) -> tuple[dict, dict]:
     """Per task, the cell's operation counts and (with repeats) its timing pass medians; and per task the
     timing pass's spread (details for the store)."""
@@ -184,9 +195,16 @@ def _write_cell_files(out_dir: Path, res: dict, by_doc: dict, method: str, budge
 
 
 def run(config: RunConfig, out=None) -> list[dict]:
-    """Evaluate every (method, budget) cell on the tasks and write the outputs. Returns the rows."""
+    """Evaluate every (method, budget) cell on the tasks and write the outputs. Returns the rows (on rank 0 of
+    a data parallel run; the other ranks evaluate their documents and return [])."""
+    try:
+        ranks = Ranks.from_env()
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
     def say(msg: str) -> None:
-        print(msg, file=out or sys.stdout, flush=True)
+        if ranks.main:  # one voice for the run
+            print(msg, file=out or sys.stdout, flush=True)
 
     method_names = resolve_methods(config.methods)
     if "none" not in method_names:  # every pruned cell is compared with the unpruned reference
@@ -220,7 +238,11 @@ def run(config: RunConfig, out=None) -> list[dict]:
     from harness.testbed.data import TASKS_DIR
 
     task_manager = task_manager_for(tasks, TASKS_DIR)  # ours and lmms-eval's standard tasks, by name
-    check_task_data(task_manager, tasks)  # offline: their datasets are here, or one line on what to download
+    ranks.start(config.device)
+    for turn in range(2 if ranks.parallel else 1):  # rank 0 first: it fills the datasets cache the others read
+        if (turn == 0) == ranks.main:
+            check_task_data(task_manager, tasks)  # offline: their datasets are here, or one line on what to get
+        ranks.barrier()
     videos = video_tasks(task_manager, tasks)
     if videos:  # video files need a reader and a family that takes videos: say so before the model loads
         from .inputs import check_takes_video, check_video_reader
@@ -235,19 +257,25 @@ def run(config: RunConfig, out=None) -> list[dict]:
 
     from .lmms_backend import VTPLlava
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(out_dir / STORE)
+    store = None  # rank 0 alone writes the store and the files
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(out_dir / STORE)
     fingerprint = {"model": model_hash(model_path), "tasks": sorted(tasks), "limit": limit,
                    "task_data": _task_data_version(), "code": code_version(REPO_ROOT)}
     say(f"harness run: model {label} ({model_path}), {len(grid)} cell(s) x tasks {', '.join(tasks)}"
         + (f", limit {limit:g}" if limit is not None else "") + f", output {out_dir}")
     started = time.perf_counter()
     try:
-        lm = VTPLlava(pretrained=str(model_path), device=config.device, dtype=config.dtype,
+        lm = VTPLlava(pretrained=str(model_path), device=ranks.device(config.device), dtype=config.dtype,
                       batch_size=config.batch_size, budget_scope=config.budget_scope, **config.extra)
     except ValueError as e:  # bad device/dtype/batch size
         raise RunError(str(e)) from None
     say(f"  loaded in {time.perf_counter() - started:.1f}s on {lm.device}")
+    if ranks.parallel:
+        say(f"  data parallel over {ranks.world} ranks: rank r evaluates documents r, r+{ranks.world}, ...; rank 0 "
+            f"gathers the records, writes the store and runs the FLOPs counts and the timing pass on its own "
+            f"device while the other ranks wait")
     check_budgets(budgets, lm.tokens_per_image)  # what this model cannot take, before the first cell
     # Each method once, with its parameters (they reach its repr, the cell key and the records). One that
     # cannot run on this model (its family lacks what it needs, or its codebook is another model's) stops
@@ -272,7 +300,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
         say(f"  shard {shard[0]}/{shard[1]}: {len(mine)} of the grid's {len(grid)} cell(s): the unpruned reference "
             f"and other cell(s) {', '.join(positions) or '(none)'} of {len(others)}")
         grid = mine
-    run_id = store.start_run({**_provenance(config, model_path, fingerprint, lm), "left_out": left_out})
+    run_id = store.start_run({**_provenance(config, model_path, fingerprint, lm), "left_out": left_out,
+                              "ranks": ranks.world}) if ranks.main else None
 
     rows: list[dict] = []
     reference: dict = {}  # the unpruned cell's sample views per task, computed once
@@ -283,14 +312,18 @@ def run(config: RunConfig, out=None) -> list[dict]:
                          "budget_scope": config.budget_scope, "model_args": config.extra,  # e.g. video_frames
                          **_method_files(lm.method)}
         key = cell_key(determined_by)
-        cached = store.finished(key)
+        cached = ranks.share(store.finished(key) if ranks.main else None)  # rank 0's store decides for all
         if cached is not None:  # finished in an earlier (possibly interrupted) run: not recomputed
             rows += cached
             if method == "none":
-                reference = {task: {doc: SampleView(**v) for doc, v in docs.items()}
-                             for task, docs in store.sample_views(key).items()}
-                lm.reference_answers = _reference_answers(store.records(key))
-            write_summary(out_dir / SUMMARY, rows)
+                answers = None
+                if ranks.main:
+                    reference = {task: {doc: SampleView(**v) for doc, v in docs.items()}
+                                 for task, docs in store.sample_views(key).items()}
+                    answers = _reference_answers(store.records(key))
+                lm.reference_answers = ranks.share(answers)
+            if ranks.main:
+                write_summary(out_dir / SUMMARY, rows)
             say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)}: finished earlier (cell {key})")
             continue
         say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)} ...")
@@ -298,13 +331,18 @@ def run(config: RunConfig, out=None) -> list[dict]:
             t0 = time.perf_counter()
             res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
                                   log_samples=True, bootstrap_iters=0, use_cache=None,
-                                  datetime_str=lmms_compat.fresh_datetime_str())
-            records = lm.pop_records()
+                                  datetime_str=lmms_compat.fresh_datetime_str(),
+                                  distributed_executor_backend=ranks.backend)
+            records = _gathered(ranks, lm.pop_records())  # every rank's, on rank 0 (None elsewhere)
+            if method == "none":
+                lm.reference_answers = ranks.share(_reference_answers(records) if ranks.main else None)
+            if not ranks.main:  # rank 0 measures, alone on its device, and writes
+                ranks.barrier()
+                continue
             by_doc = records_by_doc(records)
             views = sample_views(res, by_doc)
             if method == "none":
                 reference = views
-                lm.reference_answers = _reference_answers(records)
             cell_rows = (summary_rows(res, label, method, budget)
                          + paired_rows(reference, views, label, method, budget))
             measured, timing_spread = _measure(lm, views, config.timing_repeats)
@@ -314,13 +352,18 @@ def run(config: RunConfig, out=None) -> list[dict]:
             store.save_cell(key, run_id, determined_by, cell_rows,
                             [(task, doc, asdict(view), by_doc.get((task, doc), []))
                              for task, docs in views.items() for doc, view in docs.items()],
-                            details={"timing": timing_spread})
+                            details={"timing": timing_spread,
+                                     **({"timing_rank": f"0 of {ranks.world}"} if ranks.parallel else {})})
+        ranks.barrier()
         _write_cell_files(out_dir, res, by_doc, method, budget)
         write_summary(out_dir / SUMMARY, rows)  # after every cell: an interrupted sweep keeps its rows
         acc = [r for r in cell_rows if r["metric"] == "accuracy"]
         mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
         say(f"      done in {time.perf_counter() - t0:.1f}s: mean accuracy {mean:.3f} over {len(acc)} task(s)")
 
+    ranks.stop()
+    if not ranks.main:
+        return []
     store.close()
     say("")
     say(format_table(rows))
