@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import methods
 from harness.evaluation import lmms_compat
 
 lmms_compat.apply(restore_log=False)
@@ -332,3 +333,23 @@ def test_instance_survives_two_evaluations(lm, tiny_tasks_dir):
         records = lm.pop_records()
         assert {("vtp_tiny_gen", 0, 0), ("vtp_tiny_mc", 1, 2)} <= set(records)
     assert runs[0] == runs[1]
+
+
+def test_flops_are_shared_by_cells_of_one_layout_only_where_the_count_is_the_same(lm):
+    """Pre-LLM methods that call no model module while choosing share one count per (task, tokens per layer);
+    the others (a method that runs a ViT layer for [CLS] attention, an in-LLM one) are counted afresh. Either
+    way each equals the count made with nothing shared."""
+    lm.generate_until(_requests(lm, "generate_until", n=1))  # the task's first prompt: what the counts are made on
+    names = ("random", "uniform", "divprune", "cls_attention", "fastv", "none")
+    shared = {}
+    for name in names:
+        lm.configure(methods.get(name, **default_params(name)), 16)
+        before = len(lm._flops_by_layout)
+        shared[name] = (lm.flops("t"), len(lm._flops_by_layout) - before)
+    for name in names:
+        lm.configure(methods.get(name, **default_params(name)), 16)
+        lm._flops_by_layout.clear()
+        assert lm.flops("t") == shared[name][0], name
+    assert [shared[n][1] for n in names] == [1, 0, 0, 0, 0, 1]  # random's layout, reused; none's own
+    assert shared["cls_attention"][0]["flops_vision"] > shared["random"][0]["flops_vision"]  # its ViT work counted
+    lm.configure("none")

@@ -137,6 +137,7 @@ class PruningRun:
         self.images: list[ImageRecord] = []
         self.record_ipr = record_ipr  # off in timing and FLOPs passes: the SVD is measurement, not method
         self.selection_seconds = 0.0  # time spent in the method's select() (scores and choice)
+        self.selection_module_calls = 0  # modules the method called in select() (see _timed_select)
         #: (B,) the position whose attention scores the image (in-LLM methods), when it is not each
         #: row's last real token: scoring a continuation, the last prompt token (set by the caller).
         self.query_positions: torch.Tensor | None = None
@@ -169,6 +170,13 @@ class PruningRun:
         model reads them: the image (and video) tokens; a family with tokens never pruned (LLaVA-NeXT's
         newlines) leaves them out."""
         return PruningRun._visual_token_mask(model.config, inputs["input_ids"]).sum(-1).tolist()
+
+    @classmethod
+    def vision_hooked_modules(cls, model) -> list[str] | None:
+        """Every module (a path from `model`) `_install_vision_hooks` hooks: on a vision-cache hit
+        (harness.evaluation.vision_cache) those modules do not run, and their hooks get the recorded calls instead.
+        None: not declared, so the family's vision calls are never cached."""
+        return None
 
     def _install_vision_hooks(self, add) -> None:
         """Register (through `add(handle)`) the hooks that capture what `_parts` needs from the
@@ -367,8 +375,15 @@ class PruningRun:
 
     def _timed_select(self, ctx: VisualContext, k: int) -> Selection:
         started = time.perf_counter()
-        with torch.no_grad():
-            selection = self.method.select(ctx, k)
+        # Modules called while the method chooses (a ViT layer for [CLS] attention, a decision module): the
+        # operation counters credit their work to the model, where a pre-LLM method's own tensor work (run in
+        # the language model's pre-hook, outside any counted module) is not counted.
+        calls = torch.nn.modules.module.register_module_forward_pre_hook(self._count_module_call)
+        try:
+            with torch.no_grad():
+                selection = self.method.select(ctx, k)
+        finally:
+            calls.remove()
         if ctx.features.is_cuda:
             torch.cuda.synchronize(ctx.features.device)
         self.selection_seconds += time.perf_counter() - started
@@ -378,6 +393,9 @@ class PruningRun:
         if not self.method.adaptive and len(kept) != k:
             raise RuntimeError(f"{self.method!r} kept {len(kept)} tokens, the budget asks for {k}")
         return selection
+
+    def _count_module_call(self, module, args) -> None:
+        self.selection_module_calls += 1
 
     # ------------------------------------------------------------------ the sequence
     def _apply(self, selections) -> None:

@@ -51,6 +51,16 @@ class PruningRun(_BaseRun):
     def _feature_layer(self):
         return feature_layer(self.model.model.vision_tower, self.model.config.vision_feature_layer)
 
+    @classmethod
+    def vision_hooked_modules(cls, model) -> list[str]:
+        tower, index = model.model.vision_tower, model.config.vision_feature_layer
+        paths = ["model.vision_tower", "model.multi_modal_projector"]
+        if isinstance(index, int):  # else pruning refuses the model: no hook on a feature layer
+            inner = "model.vision_tower.vision_model" if hasattr(tower, "vision_model") else "model.vision_tower"
+            count = len(model.get_submodule(inner).encoder.layers)
+            paths.insert(1, f"{inner}.encoder.layers.{index - 1 if index > 0 else count + index}")  # feature_layer's
+        return paths
+
     def _install_vision_hooks(self, add) -> None:
         add(self.model.model.vision_tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))
         add(self._feature_layer().register_forward_pre_hook(self._on_feature_layer_input))

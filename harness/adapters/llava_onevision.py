@@ -136,6 +136,10 @@ class PruningRun(_BaseRun):
         super()._reset()
         self._calls: list[_Call] = []
 
+    @classmethod
+    def vision_hooked_modules(cls, model) -> list[str]:
+        return ["model.vision_tower", "model.multi_modal_projector"]
+
     def _install_vision_hooks(self, add) -> None:
         model = self.model.model
         add(model.vision_tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))

@@ -75,6 +75,10 @@ class PruningRun(_BaseRun):
         super()._reset()
         self._media: list[_Media] = []
 
+    @classmethod
+    def vision_hooked_modules(cls, model) -> list[str]:
+        return ["model.visual", "model.visual.merger"]
+
     def _install_vision_hooks(self, add) -> None:
         visual = self.model.model.visual
         add(visual.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))

@@ -52,6 +52,7 @@ from harness.adapters import NonFiniteFeatures, prune  # noqa: E402
 from harness.budget import DEFAULT_BUDGET_SCOPE, budget_label, check_budget, check_scope, for_method  # noqa: E402
 from harness.budget import parse_budget  # noqa: E402
 
+from . import vision_cache  # noqa: E402
 from .image_cache import CachedImageProcessor, LRUBytes  # noqa: E402
 from .inputs import DEFAULT_VIDEO_FRAMES, Inputs, doc_label, is_video, parse_video_frames, stop_at  # noqa: E402
 from .model_args import CheckpointError, check_pretrained  # noqa: E402,F401
@@ -68,7 +69,7 @@ class VTPLlava(Inputs, Scoring, lmms):
 
     def __init__(self, pretrained: str | None = None, device: str | None = "cpu", dtype=None, batch_size=1,
                  method: str = "none", budget=None, max_new_tokens: int = 32, top_k_logprobs: int = 20,
-                 image_cache_mb: int = 1536, budget_scope: str = DEFAULT_BUDGET_SCOPE,
+                 image_cache_mb: int = 1536, vision_cache_mb: int = 1024, budget_scope: str = DEFAULT_BUDGET_SCOPE,
                  video_frames=DEFAULT_VIDEO_FRAMES, **kwargs) -> None:
         super().__init__()
         # The evaluator always passes batch_size/max_batch_size/device (the latter two possibly
@@ -101,6 +102,8 @@ class VTPLlava(Inputs, Scoring, lmms):
         if cache_bytes and hasattr(self._processor, "image_processor"):
             self._processor.image_processor = CachedImageProcessor(self._processor.image_processor,
                                                                    cache_bytes - cache_bytes // 4)
+        # Vision-encoder outputs, kept across cells for the evaluation forwards (harness.evaluation.vision_cache)
+        self._vision_cache = vision_cache.from_megabytes(vision_cache_mb)
         self._model = model_class(self.model_type).from_pretrained(self.pretrained, dtype=self._dtype)
         self._model.to(self._device).eval()
         config = self._model.config
@@ -121,6 +124,8 @@ class VTPLlava(Inputs, Scoring, lmms):
         self.reference_answers: dict[tuple, list[int]] = {}
         #: per task, the prompt and visuals of its first request: the input the FLOPs are counted on
         self.example_prompts: dict[str, tuple] = {}
+        #: (task, tokens entering each decoder layer) -> the counted operations of that layout (`flops`)
+        self._flops_by_layout: dict[tuple, dict] = {}
         self._warned_sampling = False
         self.configure(method, budget)
 
@@ -228,17 +233,37 @@ class VTPLlava(Inputs, Scoring, lmms):
     def flops(self, task: str) -> dict[str, int]:
         """Operation counts of the current method and budget on the task's first prompt (the
         generation prompt; see harness.metrics.flops): counted (fvcore, or torch's counter where fvcore
-        cannot trace the family) and the analytic prefill."""
+        cannot trace the family) and the analytic prefill.
+
+        The counts depend only on the tokens entering each decoder layer, unless the method's own work is
+        counted too: an in-LLM method's (its hooks run inside the decoder) or one that calls model modules while
+        it chooses (`PruningRun.selection_module_calls`). Otherwise cells with one layout share one count
+        (`_flops_by_layout`): in a sweep the pre-LLM methods at a budget all keep the same number of tokens."""
         from harness.metrics import flops
 
         prompt, visuals = self.example_prompts[task]
         inputs = self._encode([prompt], [visuals])
         family = self._adapter
         with self._naming_documents([visuals], [f"task {task}'s first prompt (operation count)"]):
-            counts = flops.count_forward(self._model, inputs, self._measuring, vision_module=family.vision_module,
-                                         projector_module=family.projector_module)
-            per_layer = flops.tokens_per_layer(self._model, inputs, self._measuring)
-        counts.pop("torch_comparable")
+            runs = []
+
+            @contextlib.contextmanager
+            def measuring():
+                with self._measuring() as run:
+                    runs.append(run)
+                    yield run
+
+            per_layer = flops.tokens_per_layer(self._model, inputs, measuring)
+            own_work = runs[0] is not None and (self.method.stage != "pre_llm" or runs[0].selection_module_calls > 0)
+            layout = (task, tuple(per_layer))
+            counts = None if own_work else self._flops_by_layout.get(layout)
+            if counts is None:
+                counts = flops.count_forward(self._model, inputs, self._measuring, vision_module=family.vision_module,
+                                             projector_module=family.projector_module)
+                counts.pop("torch_comparable")
+                if not own_work:
+                    self._flops_by_layout[layout] = counts
+        counts = dict(counts)
         counts["flops_prefill_analytic"] = flops.prefill_analytic(self._model.config.text_config, per_layer)
         visual = sum(family.visual_tokens_per_row(self._model, inputs))
         counts["equivalent_tokens"] = flops.equivalent_tokens(  # per image or video frame: what a budget applies to
@@ -319,7 +344,7 @@ class VTPLlava(Inputs, Scoring, lmms):
         inputs = self._encode([p for p, _, _ in items], [ims for _, ims, _ in items], padding_side="left")
         n_in = inputs["input_ids"].shape[1]
         visual_in = self._visual_counts(inputs)
-        with self._pruning_applied() as run:
+        with self._pruning_applied() as run, self._vision_caching():
             out = self._model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                        temperature=None, top_p=None, top_k=None,
                                        pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,

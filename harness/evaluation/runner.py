@@ -172,17 +172,40 @@ def _gathered(ranks: Ranks, records: dict) -> dict | None:
     return None if parts is None else {key: r for part in parts for key, r in part.items()}
 
 
-def _measure(lm, views: dict, timing_repeats: int) -> tuple[dict, dict]:
+def _measure(lm, views: dict, timing_repeats: int, clock: dict) -> tuple[dict, dict]:
     """Per task, the cell's operation counts and (with repeats) its timing pass medians; and per task the
-    timing pass's spread (details for the store)."""
+    timing pass's spread (details for the store). Their seconds are added to `clock`."""
     measured, spread = {}, {}
     for task in views:
-        measured[task] = dict(lm.flops(task))
+        with _timed(clock, "FLOPs counts"):
+            measured[task] = dict(lm.flops(task))
         if timing_repeats:
-            timed = lm.timings(task, timing_repeats)
+            with _timed(clock, "timing pass"):
+                timed = lm.timings(task, timing_repeats)
             measured[task].update(timed["medians"])
             spread[task] = timed
     return measured, spread
+
+
+@contextlib.contextmanager
+def _timed(clock: dict, phase: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        clock[phase] = clock.get(phase, 0.0) + time.perf_counter() - started
+
+
+def _time_shares(clock: dict, total: float, lm) -> str:
+    """Where the run's time went: the phases of its cells (the unpruned reference's evaluation apart) and the
+    vision encoder calls computed and reused across cells (harness.evaluation.vision_cache)."""
+    parts = [f"{phase} {seconds:.0f} s ({seconds / total:.0%})" for phase, seconds in clock.items()]
+    rest = total - sum(clock.values())
+    line = f"time: {total:.0f} s: " + ", ".join(parts + [f"other {rest:.0f} s ({rest / total:.0%})"])
+    cache = getattr(lm, "_vision_cache", None)
+    if cache is not None:
+        line += f"; vision encoder calls: {cache.misses} computed, {cache.hits} reused"
+    return line
 
 
 def _write_cell_files(out_dir: Path, res: dict, by_doc: dict, method: str, budget) -> None:
@@ -305,6 +328,8 @@ def run(config: RunConfig, out=None) -> list[dict]:
 
     rows: list[dict] = []
     reference: dict = {}  # the unpruned cell's sample views per task, computed once
+    clock = dict.fromkeys(("evaluation, unpruned reference", "evaluation, pruned", "FLOPs counts", "timing pass"),
+                          0.0)  # seconds per phase of the cells (_time_shares)
     for i, (method, budget) in enumerate(grid, 1):
         lm.configure(instances[method], budget)
         lm.pop_records()
@@ -329,10 +354,11 @@ def run(config: RunConfig, out=None) -> list[dict]:
         say(f"[{i}/{len(grid)}] method={method} budget={budget_label(budget, method)} ...")
         with _refusing_bad_features(method, budget_label(budget, method), out_dir):
             t0 = time.perf_counter()
-            res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
-                                  log_samples=True, bootstrap_iters=0, use_cache=None,
-                                  datetime_str=lmms_compat.fresh_datetime_str(),
-                                  distributed_executor_backend=ranks.backend)
+            with _timed(clock, "evaluation, unpruned reference" if method == "none" else "evaluation, pruned"):
+                res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                      log_samples=True, bootstrap_iters=0, use_cache=None,
+                                      datetime_str=lmms_compat.fresh_datetime_str(),
+                                      distributed_executor_backend=ranks.backend)
             records = _gathered(ranks, lm.pop_records())  # every rank's, on rank 0 (None elsewhere)
             if method == "none":
                 lm.reference_answers = ranks.share(_reference_answers(records) if ranks.main else None)
@@ -345,7 +371,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
                 reference = views
             cell_rows = (summary_rows(res, label, method, budget)
                          + paired_rows(reference, views, label, method, budget))
-            measured, timing_spread = _measure(lm, views, config.timing_repeats)
+            measured, timing_spread = _measure(lm, views, config.timing_repeats, clock)
             cell_rows += [summary_row(label, method, budget, task, metric, float(value))
                           for task, metrics in measured.items() for metric, value in metrics.items()]
             rows += cell_rows
@@ -368,4 +394,5 @@ def run(config: RunConfig, out=None) -> list[dict]:
     say("")
     say(format_table(rows))
     say(f"\nwrote {out_dir / SUMMARY} ({len(rows)} rows) and {out_dir / 'samples'}/")
+    say(_time_shares(clock, time.perf_counter() - started, lm))
     return rows

@@ -4,6 +4,8 @@ and the unpruned answer under the pruned model)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,14 @@ class Scoring:
         from harness.adapters import adapter_for
 
         return adapter_for(self._model).PruningRun
+
+    def _vision_caching(self):
+        """Vision-encoder outputs served from the backend's cache (harness.evaluation.vision_cache) for the block:
+        around the evaluation forwards only, never the FLOPs count or the timing pass."""
+        cache = getattr(self, "_vision_cache", None)
+        if cache is None:
+            return contextlib.nullcontext()
+        return cache.active(self._model, self._adapter.vision_hooked_modules(self._model))
 
     def _visual_counts(self, inputs) -> list[int]:
         """Per row, the prunable visual tokens the unpruned model reads."""
@@ -110,7 +120,7 @@ class Scoring:
             model_inputs["mm_token_type_ids"] = types
         else:
             model_inputs["position_ids"] = (attention.cumsum(-1) - 1).clamp(min=0)
-        with self._pruning_applied() as run:
+        with self._pruning_applied() as run, self._vision_caching():
             if run is not None:  # in-LLM methods score from the last prompt token, not the continuation
                 run.query_positions = torch.tensor(prompt_lengths, device=self._device) - 1
             logits = self._model(input_ids=input_ids, attention_mask=attention, **model_inputs).logits
