@@ -49,7 +49,8 @@ def _task_figures(ref, new, same, kl, axis=-1) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore"), _quiet_nan_means():
         kl_mean = np.nanmean(kl, axis)
     return {"accuracy": new_acc, "relative_accuracy": relative, "agreement": same.mean(axis),
-            "flip_correct_to_wrong": (ref * (1 - new)).mean(axis), "flip_wrong_to_correct": ((1 - ref) * new).mean(axis),
+            "flip_correct_to_wrong": (ref * (1 - new)).mean(axis),
+            "flip_wrong_to_correct": ((1 - ref) * new).mean(axis),
             "first_token_kl": kl_mean, "_ref_accuracy": ref_acc}
 
 
