@@ -17,6 +17,9 @@ difference (tested).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 
 from .consistency import _kl_and_jsd
@@ -54,18 +57,12 @@ def _task_figures(ref, new, same, kl, axis=-1) -> dict[str, np.ndarray]:
             "first_token_kl": kl_mean, "_ref_accuracy": ref_acc}
 
 
-class _quiet_nan_means:
+@contextlib.contextmanager
+def _quiet_nan_means():
     """A resample of documents without distributions gives NaN, not a warning."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._catch.__exit__(*exc)
+        yield
 
 
 def _bounds(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -86,22 +83,20 @@ def task_intervals(cols: dict, resamples: int = RESAMPLES, seed: int = SEED,
     if n == 0:
         return {}
     data = (cols["ref"], cols["new"], cols["same"], cols["kl"])
-    out = {}
-    for metric in METRICS:
-        def statistic(ref, new, same, kl, axis=-1, metric=metric):
-            return _task_figures(ref, new, same, kl, axis)[metric]
+    metrics = [m for m in METRICS if m != "first_token_kl" or not np.isnan(cols["kl"]).all()]
 
-        if metric == "first_token_kl" and np.isnan(cols["kl"]).all():
-            continue
-        point = statistic(*data)
-        if n == 1 or np.isnan(point):
-            out[metric] = (float(point), float(point))
-            continue
-        with _quiet_nan_means():
-            res = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
-                                  confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
-        out[metric] = (float(res.confidence_interval.low), float(res.confidence_interval.high))
-    return out
+    def statistic(ref, new, same, kl, axis=-1):  # every figure from one set of resamples
+        figures = _task_figures(ref, new, same, kl, axis)
+        return np.stack([figures[m] for m in metrics])
+
+    points = statistic(*data)
+    if n == 1:
+        return {m: (float(p), float(p)) for m, p in zip(metrics, points)}
+    with _quiet_nan_means():
+        res = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                              confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return {m: (float(p), float(p)) if np.isnan(p) else (float(low), float(high))
+            for m, p, low, high in zip(metrics, points, res.confidence_interval.low, res.confidence_interval.high)}
 
 
 def cell_intervals(cols_by_task: dict[str, dict], resamples: int = RESAMPLES, seed: int = SEED,
