@@ -27,12 +27,24 @@ def image_seed(pixels: torch.Tensor) -> int:
     return zlib.crc32(pixels.detach().to(torch.float32).cpu().numpy().tobytes())
 
 
+def _encoder_layers(tower) -> tuple[str, torch.nn.ModuleList]:
+    """The ViT's layer list and its path from the tower (CLIP nests it in `vision_model`, SigLIP may not)."""
+    path = "vision_model.encoder.layers" if hasattr(tower, "vision_model") else "encoder.layers"
+    return path, tower.get_submodule(path)
+
+
+def _feature_layer_index(count: int, index: int) -> int:
+    """Which of `count` ViT layers outputs LLaVA's `vision_feature_layer` (1-based from the front, or from the back
+    when negative: -2 is the penultimate layer's output)."""
+    return index - 1 if index > 0 else count + index
+
+
 def feature_layer(tower, index):
     """The ViT layer whose output LLaVA reads (`vision_feature_layer`, e.g. -2)."""
-    layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
+    _, layers = _encoder_layers(tower)
     if not isinstance(index, int):
         raise ValueError("pruning supports a single vision_feature_layer")
-    return layers[index - 1] if index > 0 else layers[len(layers) + index]
+    return layers[_feature_layer_index(len(layers), index)]
 
 
 class PruningRun(_BaseRun):
@@ -53,12 +65,11 @@ class PruningRun(_BaseRun):
 
     @classmethod
     def vision_hooked_modules(cls, model) -> list[str]:
-        tower, index = model.model.vision_tower, model.config.vision_feature_layer
+        index = model.config.vision_feature_layer
         paths = ["model.vision_tower", "model.multi_modal_projector"]
         if isinstance(index, int):  # else pruning refuses the model: no hook on a feature layer
-            inner = "model.vision_tower.vision_model" if hasattr(tower, "vision_model") else "model.vision_tower"
-            count = len(model.get_submodule(inner).encoder.layers)
-            paths.insert(1, f"{inner}.encoder.layers.{index - 1 if index > 0 else count + index}")  # feature_layer's
+            path, layers = _encoder_layers(model.model.vision_tower)
+            paths.insert(1, f"model.vision_tower.{path}.{_feature_layer_index(len(layers), index)}")  # feature_layer's
         return paths
 
     def _install_vision_hooks(self, add) -> None:
