@@ -12,6 +12,7 @@ module files (methods/lvpruning_modules.py), on the tiny families (harness.testb
 - Module files that are missing, unreadable, of another model or hand-edited: one clear error before any forward.
 """
 
+import functools
 from dataclasses import dataclass, field
 from itertools import pairwise
 from types import SimpleNamespace
@@ -59,14 +60,7 @@ class Tiny:
 
 @pytest.fixture(scope="module")
 def families():
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = Tiny(name)
-        return made[name]
-
-    return get
+    return functools.cache(Tiny)  # each family built once, when a test first asks for it
 
 
 @pytest.fixture(scope="module")

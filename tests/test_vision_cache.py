@@ -12,6 +12,7 @@ LLaVA: two passes over the same requests give identical records, the FLOPs count
 """
 
 import contextlib
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -117,14 +118,7 @@ class Family:
 
 @pytest.fixture(scope="module")
 def families(one_thread):
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = Family(name)
-        return made[name]
-
-    return get
+    return functools.cache(Family)  # each family built once, when a test first asks for it
 
 
 def _same(a, b):
