@@ -103,7 +103,7 @@ def _tables(markdown: str) -> list[list[list[str]]]:
 
 def test_render_writes_every_file(board):
     out = board["out"]
-    for name in ("leaderboard.md", "leaderboard.csv", "index.html", "accuracy_vs_kept_tokens.png",
+    for name in ("leaderboard.md", "leaderboard.csv", "index.html", "ranking.png", "accuracy_vs_kept_tokens.png",
                  "consistency_vs_flops.png", "speedup_vs_relative_accuracy.png", "relative_accuracy_by_task.png",
                  "kept_tokens_testbed_color_0.png", "kept_tokens_testbed_color_1.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -126,8 +126,11 @@ def test_markdown_has_a_row_per_method_and_the_stated_columns(board):
     assert [int(r[0]) for r in rows] == sorted(int(r[0]) for r in rows)
     adaptive = next(r for r in rows if r[1] == "codebook (adaptive)")
     assert adaptive[header.index("budgets")] == "adaptive (32.0 kept)"
-    assert cells[0] == ["rank", "method", "budget", "accuracy", "rel. accuracy", "agreement", "flips c→w",
-                        "first-token KL", "FLOPs ratio", "prefill speedup", "kept tokens"]
+    assert cells[0] == ["rank", "method", "budget", "accuracy", "rel. accuracy", "rel. accuracy 95%", "agreement",
+                        "flips c→w", "first-token KL", "FLOPs ratio", "prefill speedup", "kept tokens"]
+    assert header[header.index("mean rel. accuracy") + 1] == "95% interval"
+    assert all(re.fullmatch(r"\d\.\d{3}–\d\.\d{3}|—", r[header.index("95% interval")]) for r in rows)
+    assert "Ranks admit ties" in text
     assert cells[1][:3] == ["ref", "none", "full"]
     assert {(r[1], r[2]) for r in cells[2:]} == {(m, b) for m in METHODS for b in ("64", "32")} | {
         ("codebook", "adaptive")}
@@ -165,6 +168,55 @@ def test_csv_numbers_are_the_summarys(board):
         assert float(rows[(method, "32")]["visual_tokens_kept_per_image"]) == 32
     assert float(rows[("codebook", "adaptive")]["visual_tokens_kept_per_image"]) == 32
     assert rows[("none", "full")]["rank"] == "" and {rows[(m, "64")]["rank"] for m in METHODS} <= {"1", "2", "3", "4"}
+
+
+def test_cell_intervals_are_those_the_run_wrote(board):
+    """The leaderboard resamples each cell's documents as the run did (the same draws per task), so every
+    cell's interval equals its `all_tasks` rows of summary.csv; the unpruned cell's paired ones have no width."""
+    with (board["out"] / "leaderboard.csv").open() as f:
+        rows = {(r["method"], r["budget"]): r for r in csv.DictReader(f)}
+    written = run_folder.over_tasks(run_folder.read_summary(board["first"] / "summary.csv"))
+    compared = 0
+    for method, budget, metric, value in written[["method", "budget", "metric", "value"]].itertuples(index=False):
+        if "_ci_" in metric and (method, budget) in rows:
+            got = _number(rows[(method, budget)][metric])
+            assert got == pytest.approx(value, nan_ok=True), (method, budget, metric)
+            compared += 1
+    assert compared >= 7 * 2 * 5  # every cell of the first run, every figure's two bounds
+    none = rows[("none", "full")]
+    assert none["relative_accuracy_ci_low"] == none["relative_accuracy_ci_high"] and _number(none[
+        "relative_accuracy_ci_low"]) in (1.0, float("nan")) or math.isnan(_number(none["relative_accuracy_ci_low"]))
+    assert float(none["agreement_ci_low"]) == float(none["agreement_ci_high"]) == 1.0
+
+
+def _ranked(resampled: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """(rank, position) per method of a one-model table whose methods' scores per resample are given."""
+    rows = [dict(model="m", method=method, budget="64", entry=method, relative_accuracy=float(np.mean(values)),
+                 agreement=0.5) for method, values in resampled.items()]
+    ranked = leaderboard.rank(pd.DataFrame(rows), leaderboard.RULES["relative_accuracy"],
+                              {("m", method): values for method, values in resampled.items()})
+    return {r.method: (int(r.rank), int(r.position)) for r in ranked.itertuples()}
+
+
+def test_ranks_admit_ties_from_the_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.05, 2000)  # what the drawn documents do to every method alike
+    got = _ranked({"a": 0.80 + noise, "b": 0.79 + noise + rng.normal(0, 0.002, 2000),  # b below a in every draw...
+                   "c": 0.80 + noise + rng.normal(0, 0.05, 2000),  # ...c neither above nor below a or b
+                   "d": 0.50 + noise})
+    # a and b: marginal intervals overlapping almost wholly, yet a beats b in every common resample
+    assert got["a"][0] == 1 and got["b"][0] == 2
+    assert got["c"][0] == 1  # nothing beats c with 95% confidence: tied with a
+    assert got["d"] == (4, 4)  # beaten by all three
+    same = _ranked({"x": 0.7 + noise, "y": 0.7 + noise})  # indistinguishable methods share the rank
+    assert same["x"][0] == same["y"][0] == 1
+
+
+def test_without_samples_ranks_follow_the_point_figures():
+    rows = [dict(model="m", method=m, budget="64", entry=m, relative_accuracy=v, agreement=0.5)
+            for m, v in (("a", 0.9), ("b", 0.8))]
+    ranked = leaderboard.rank(pd.DataFrame(rows), leaderboard.RULES["relative_accuracy"])
+    assert list(ranked["rank"]) == [1, 2] and ranked["score_low"].isna().all()
 
 
 def test_relative_accuracy_is_a_ratio_of_means_a_floor_task_cannot_dominate():

@@ -169,13 +169,48 @@ def views(correct, answers=None, recall=None):
 def test_accuracy_drop_needs_mcnemar_significance():
     base = views([True] * 30)
     assert regress.check_accuracy(base, views([False] * 6 + [True] * 24)).status == "REGRESSION"  # p = 2/64
-    assert regress.check_accuracy(base, views([False] * 5 + [True] * 25)).status == "ok"  # p = 1/16
+    # p = 1/16, but no resample of 5 one-way losses shows a gain: the interval alone says so, a warning
+    edge = regress.check_accuracy(base, views([False] * 5 + [True] * 25))
+    assert edge.status == "warning" and edge.ci[1] < 0 and "the exact test does not" in edge.note
+    assert regress.check_accuracy(base, views([False] * 3 + [True] * 27)).status == "ok"  # neither: p = 1/4
     mixed = views([False] * 6 + [True] * 24)
-    # six lost and one gained: p = 2 * 8/128, not significant
+    # six lost and one gained: McNemar p = 2 * 8/128, not significant; the interval excludes 0: a warning
     check = regress.check_accuracy(views([True] * 29 + [False]), views([False] * 6 + [True] * 24))
-    assert check.status == "ok" and check.p == pytest.approx(0.125) and "-6/+1" in check.note
+    assert check.status == "warning" and check.p == pytest.approx(0.125) and "-6/+1" in check.note  # the edge
     assert regress.check_accuracy(mixed, base).status == "improved"
     assert regress.check_accuracy(base, base).p == 1.0
+
+
+def test_the_interval_and_mcnemar_agree_on_the_committed_baseline():
+    """Every pruned cell of the committed baseline against its unpruned cell, on accuracy and on agreement: the
+    paired bootstrap interval excludes the unpruned value exactly when McNemar's p < 0.05, except at the known
+    edge (k documents lost, none gained, of n: the interval excludes once (1 - k/n)^n < 2.5%, the exact test
+    once 2 / 2^k < 0.05, so k = 4 or 5 of 30), which is a warning."""
+    config, baseline = regress.load_ci_config()
+    base = regress.load_run(baseline)
+    reference = {task: docs for (m, b, task), docs in base.samples.items() if (m, b) == ("none", "full")}
+    compared, edges = 0, []
+    for (method, budget, task), docs in base.samples.items():
+        if method == "none":
+            continue
+        ref = reference[task]
+        pairs = {"accuracy": ([ref[d]["correct"] for d in sorted(docs)], [docs[d]["correct"] for d in sorted(docs)]),
+                 "agreement": ([True] * len(docs), [docs[d]["answer"] == ref[d]["answer"] for d in sorted(docs)])}
+        for name, (b, c) in pairs.items():
+            check = regress.checks._paired(name, b, c, 0.05)
+            low, high = check.ci
+            lost, gained = sum(x and not y for x, y in zip(b, c)), sum(y and not x for x, y in zip(b, c))
+            by_interval, by_test = low > 0 or high < 0, check.p < 0.05
+            compared += 1
+            if by_interval != by_test:
+                n = len(b)
+                assert gained == 0 and (1 - lost / n) ** n < 0.025 and 2 / 2 ** lost >= 0.05, (method, task, name)
+                assert check.status == "warning"
+                edges.append((method, budget, task, name, lost))
+            else:
+                assert check.status == {True: "REGRESSION" if lost > gained else "improved", False: "ok"}[by_test]
+    assert compared == 2 * 5 * 3  # five pruned cells x three tasks, accuracy and agreement
+    assert len(edges) <= 2, edges  # today: codebook_fixed@64 on testbed_color_mc, 4 lost of 30, both figures
 
 
 def test_agreement_is_paired_against_each_runs_own_reference():

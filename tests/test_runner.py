@@ -191,6 +191,9 @@ PAIRED = {"relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong
           "delta_ipr",
           "flops_vision", "flops_prefill", "flops_decode_per_token", "flops_prefill_analytic", "equivalent_tokens",
           "vision_ms", "selection_ms", "prefill_ms", "decode_ms_per_token", "peak_memory_mb"}
+WITH_INTERVALS = {"accuracy", "relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct",
+                  "first_token_kl"}
+INTERVALS = {f"{m}_ci_{side}" for m in WITH_INTERVALS for side in ("low", "high")}
 
 
 def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
@@ -207,8 +210,20 @@ def test_harness_run_end_to_end(tiny_llava_dir, tmp_path, capsys):
         for task in ("testbed_exist", "testbed_color_mc"):
             metrics = {r["metric"] for r in rows if r["method"] == method and r["task"] == task}
             extra = {"teacher_forced_nll"} if (method, task) == ("random", "testbed_exist") else set()
-            assert metrics == {"accuracy", "n_samples"} | PAIRED | extra
+            assert metrics == {"accuracy", "n_samples"} | PAIRED | INTERVALS | extra
+        over = {r["metric"] for r in rows if r["method"] == method and r["task"] == "all_tasks"}
+        assert over == WITH_INTERVALS | INTERVALS  # the cell over its tasks
     value = {(r["method"], r["task"], r["metric"]): float(r["value"]) for r in rows}
+    for task in ("testbed_exist", "testbed_color_mc", "all_tasks"):
+        # the unpruned cell against itself: paired intervals without width; every interval holds its figure
+        assert value[("none", task, "agreement_ci_low")] == value[("none", task, "agreement_ci_high")] == 1.0
+        assert value[("none", task, "first_token_kl_ci_high")] == 0.0
+        for method in ("none", "random"):
+            for metric in ("agreement", "flip_correct_to_wrong", "first_token_kl"):
+                low, high = value[(method, task, f"{metric}_ci_low")], value[(method, task, f"{metric}_ci_high")]
+                assert low <= value[(method, task, metric)] <= high, (method, task, metric)
+    assert value[("random", "all_tasks", "agreement")] == pytest.approx(
+        (value[("random", "testbed_exist", "agreement")] + value[("random", "testbed_color_mc", "agreement")]) / 2)
     for task in ("testbed_exist", "testbed_color_mc"):
         assert value[("none", task, "agreement")] == 1.0 and value[("none", task, "first_token_kl")] == 0.0
         assert value[("none", task, "evidence_recall")] == 1.0 and value[("none", task, "delta_ipr")] == 0.0

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from harness.metrics import intervals
 from harness.metrics.consistency import paired_metrics, sample_view
 
 from .grid import budget_label
@@ -75,12 +76,26 @@ def sample_views(res: dict, by_doc: dict) -> dict[str, dict]:
 
 
 def paired_rows(reference: dict, views: dict, model: str, method: str, budget) -> list[dict]:
-    """Rows of the paired metrics of one cell against the unpruned reference, per task."""
-    rows = []
+    """Rows of the paired metrics of one cell against the unpruned reference, per task, with the 95% paired
+    bootstrap interval of each figure that has one (`<metric>_ci_low`, `<metric>_ci_high`); then the cell's
+    figures over all its tasks and their intervals, under the task name `intervals.ALL_TASKS`."""
+    rows, cols_by_task = [], {}
     for task, task_views in views.items():
         for metric, value in paired_metrics(reference.get(task, {}), task_views).items():
             rows.append(summary_row(model, method, budget, task, metric, float(value)))
-    return rows
+        cols_by_task[task] = intervals.columns(reference.get(task, {}), task_views)
+        rows += _interval_rows(model, method, budget, task, intervals.task_intervals(cols_by_task[task]))
+    points = intervals.cell_points(cols_by_task)
+    over = intervals.cell_intervals(cols_by_task)
+    for metric in intervals.METRICS:
+        if metric in over:
+            rows.append(summary_row(model, method, budget, intervals.ALL_TASKS, metric, points[metric]))
+    return rows + _interval_rows(model, method, budget, intervals.ALL_TASKS, over)
+
+
+def _interval_rows(model: str, method: str, budget, task: str, bounds: dict) -> list[dict]:
+    return [summary_row(model, method, budget, task, f"{metric}_ci_{side}", value)
+            for metric, (low, high) in bounds.items() for side, value in (("low", low), ("high", high))]
 
 
 def write_samples(out_dir: Path, res: dict, by_doc: dict, method: str, budget) -> list[Path]:
@@ -111,8 +126,11 @@ def write_summary(path: Path, rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """Tasks as rows, one column per (method, budget), accuracy (n) per cell."""
-    metric_rows = [r for r in rows if r["metric"] != "n_samples"]
+    metric_rows = [r for r in rows if r["metric"] != "n_samples" and "_ci_" not in r["metric"]]
     n = {(r["method"], r["budget"], r["task"]): r["value"] for r in rows if r["metric"] == "n_samples"}
+    for m, b, _ in list(n):  # the cell over its tasks: every document of the cell
+        n[(m, b, intervals.ALL_TASKS)] = sum(v for (m_, b_, t), v in n.items() if (m_, b_) == (m, b)
+                                             and t != intervals.ALL_TASKS)
     columns = list(dict.fromkeys((r["method"], r["budget"]) for r in rows))
     keys = list(dict.fromkeys((r["task"], r["metric"]) for r in metric_rows))
     value = {(r["method"], r["budget"], r["task"], r["metric"]): r["value"] for r in metric_rows}

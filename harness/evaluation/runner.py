@@ -38,6 +38,7 @@ from pathlib import Path  # noqa: E402
 
 from harness.budget import check_scope  # noqa: E402
 from harness.metrics.consistency import SampleView  # noqa: E402  (light: numpy)
+from harness.metrics import intervals  # noqa: E402
 from harness.protocol import DEFAULT_MODEL, ProtocolError, RunConfig, parse_shard  # noqa: E402
 
 from .grid import (RunError, budget_label, cells, check_budgets, parse_budgets, parse_params,  # noqa: E402,F401
@@ -383,7 +384,7 @@ def run(config: RunConfig, out=None) -> list[dict]:
         ranks.barrier()
         _write_cell_files(out_dir, res, by_doc, method, budget)
         write_summary(out_dir / SUMMARY, rows)  # after every cell: an interrupted sweep keeps its rows
-        acc = [r for r in cell_rows if r["metric"] == "accuracy"]
+        acc = [r for r in cell_rows if r["metric"] == "accuracy" and r["task"] != intervals.ALL_TASKS]
         mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
         say(f"      done in {time.perf_counter() - t0:.1f}s: mean accuracy {mean:.3f} over {len(acc)} task(s)")
 

@@ -12,13 +12,16 @@ difference (tested).
 - The cell over its tasks: stratified by task, each task's documents resampled on their own, then the
   statistic over tasks (the mean of the task figures; for relative accuracy the leaderboard's "accuracy
   kept": the accuracies summed over tasks over the unpruned ones). scipy's bootstrap has no strata, so this one
-  draws its own indices (numpy's seeded generator) and takes the same percentiles.
+  draws its own indices (numpy's generator, seeded per task by its name: every cell of a run draws the same
+  documents, so the leaderboard can rank methods on common resamples) and takes the same percentiles.
+- Two runs of one cell (a regression check): the interval of the paired difference of their means.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+import zlib
 
 import numpy as np
 
@@ -27,6 +30,8 @@ from .consistency import _kl_and_jsd
 #: The figures that get an interval: `<metric>_ci_low`, `<metric>_ci_high` rows of summary.csv.
 METRICS = ("accuracy", "relative_accuracy", "agreement", "flip_correct_to_wrong", "flip_wrong_to_correct",
            "first_token_kl")
+#: summary.csv's task name for a cell's figures over all its tasks.
+ALL_TASKS = "all_tasks"
 LEVEL = 0.95
 RESAMPLES = 2000
 SEED = 0
@@ -65,7 +70,7 @@ def _quiet_nan_means():
         yield
 
 
-def _bounds(values: np.ndarray, level: float) -> tuple[float, float]:
+def bounds(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     values = values[np.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
@@ -99,28 +104,71 @@ def task_intervals(cols: dict, resamples: int = RESAMPLES, seed: int = SEED,
             for m, p, low, high in zip(metrics, points, res.confidence_interval.low, res.confidence_interval.high)}
 
 
-def cell_intervals(cols_by_task: dict[str, dict], resamples: int = RESAMPLES, seed: int = SEED,
-                   level: float = LEVEL) -> dict[str, tuple[float, float]]:
-    """Each figure's interval over the cell's tasks: documents resampled within each task (stratified), the task
-    figures averaged (relative accuracy: summed accuracies over summed unpruned ones)."""
-    rng = np.random.default_rng(seed)
-    tasks = [cols for cols in cols_by_task.values() if len(cols["ref"])]
-    if not tasks:
-        return {}
-    per_task = []
-    for cols in tasks:
-        draw = rng.integers(0, len(cols["ref"]), size=(resamples, len(cols["ref"])))
-        per_task.append(_task_figures(*(cols[k][draw] for k in ("ref", "new", "same", "kl"))))
+def draws(task: str, n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """(resamples, n) document positions of one task's resamples: the same for every cell of a run, whatever
+    its other tasks are."""
+    return np.random.default_rng([seed, zlib.crc32(task.encode())]).integers(0, n, size=(resamples, n))
+
+
+def _over_tasks(per_task: list[dict]) -> dict[str, np.ndarray]:
+    """The cell's figures from its tasks' (point or resampled) figures: means over tasks, relative accuracy as
+    summed accuracies over summed unpruned ones."""
     out = {}
     for metric in METRICS:
         if metric == "relative_accuracy":
             ref = sum(f["_ref_accuracy"] for f in per_task)
             with np.errstate(invalid="ignore", divide="ignore"):
-                values = np.where(ref > 0, sum(f["accuracy"] for f in per_task) / np.where(ref > 0, ref, 1), np.nan)
+                out[metric] = np.where(ref > 0, sum(f["accuracy"] for f in per_task) / np.where(ref > 0, ref, 1),
+                                       np.nan)
         else:
             with _quiet_nan_means():
-                values = np.nanmean(np.stack([f[metric] for f in per_task]), axis=0)
-        if metric == "first_token_kl" and np.isnan(values).all():
-            continue
-        out[metric] = _bounds(values, level)
+                out[metric] = np.nanmean(np.stack([f[metric] for f in per_task]), axis=0)
     return out
+
+
+def cell_resamples(cols_by_task: dict[str, dict], resamples: int = RESAMPLES,
+                   seed: int = SEED) -> dict[str, np.ndarray]:
+    """Each figure over the cell's tasks, per stratified resample (documents drawn within each task)."""
+    tasks = {task: cols for task, cols in cols_by_task.items() if len(cols["ref"])}
+    if not tasks:
+        return {}
+    per_task = []
+    for task, cols in tasks.items():
+        draw = draws(task, len(cols["ref"]), resamples, seed)
+        per_task.append(_task_figures(*(cols[k][draw] for k in ("ref", "new", "same", "kl"))))
+    return _over_tasks(per_task)
+
+
+def cell_points(cols_by_task: dict[str, dict]) -> dict[str, float]:
+    """Each figure over the cell's tasks, on the documents as they are."""
+    per_task = [_task_figures(cols["ref"], cols["new"], cols["same"], cols["kl"])
+                for cols in cols_by_task.values() if len(cols["ref"])]
+    if not per_task:
+        return {}
+    with _quiet_nan_means():
+        return {metric: float(value) for metric, value in _over_tasks(per_task).items()}
+
+
+def cell_intervals(cols_by_task: dict[str, dict], resamples: int = RESAMPLES, seed: int = SEED,
+                   level: float = LEVEL) -> dict[str, tuple[float, float]]:
+    """Each figure's interval over the cell's tasks: documents resampled within each task (stratified), the task
+    figures averaged (relative accuracy: summed accuracies over summed unpruned ones)."""
+    values = cell_resamples(cols_by_task, resamples, seed)
+    return {metric: bounds(v, level) for metric, v in values.items()
+            if metric != "first_token_kl" or not np.isnan(v).all()}
+
+
+def difference_interval(base: np.ndarray, current: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED,
+                        level: float = LEVEL) -> tuple[float, float]:
+    """The interval of mean(current) - mean(base) over documents both runs answered (position i: one document),
+    resampled together (scipy's paired percentile bootstrap)."""
+    from scipy import stats
+
+    base, current = np.asarray(base, dtype=float), np.asarray(current, dtype=float)
+    if len(base) < 2 or np.array_equal(base, current):
+        diff = float(current.mean() - base.mean()) if len(base) else float("nan")
+        return diff, diff
+    res = stats.bootstrap((base, current), lambda b, c, axis=-1: c.mean(axis) - b.mean(axis), paired=True,
+                          vectorized=True, n_resamples=resamples, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -23,7 +23,7 @@ CONSISTENCY = ("agreement", "flip_correct_to_wrong", "first_token_kl", "first_to
 
 def cell_table(summary_csv: Path):
     """Pruned cells as rows (model, method, budget, task) with delta_ipr and the consistency metrics."""
-    long = run_folder.read_summary(summary_csv)
+    long = run_folder.per_task(run_folder.read_summary(summary_csv))
     wanted = long[long["metric"].isin(("delta_ipr",) + CONSISTENCY) & (long["method"] != "none")]
     wide = wanted.pivot_table(index=["model", "method", "budget", "task"], columns="metric", values="value")
     if "delta_ipr" not in wide or wide["delta_ipr"].notna().sum() < 3:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from harness.errors import InputError
 from harness.evaluation.store import STORE, SUMMARY, SUMMARY_COLUMNS  # noqa: F401  (what a run writes)
+from harness.metrics import intervals
 
 
 class RunFolderError(InputError):
@@ -46,6 +47,16 @@ def read_summary(path: Path) -> pd.DataFrame:
         raise RunFolderError(f"{path} has no rows")
     frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
     return frame
+
+
+def per_task(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's rows of single tasks (not the cells' figures over all their tasks)."""
+    return summary[summary["task"] != intervals.ALL_TASKS]
+
+
+def over_tasks(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's rows of each cell's figures over all its tasks, with their intervals."""
+    return summary[summary["task"] == intervals.ALL_TASKS]
 
 
 def open_store(path: Path) -> sqlite3.Connection:

@@ -4,11 +4,11 @@ Reads only what `harness run` stored in its output folders (`summary.csv`, `resu
 `samples/*.jsonl`), so a leaderboard can be rebuilt at any time without a model. Writes, into the
 output folder:
 
-* ``leaderboard.md``: the ranking rule, a ranking table (one row per method) and a table of every
-  (method, budget) cell: accuracy, relative accuracy, agreement, correct→wrong flips, first-token KL,
-  FLOPs ratio, prefill speedup and kept tokens per image;
-* ``leaderboard.csv``: the cell table's numbers, one row per (model, method, budget);
-* the plots (PNG): accuracy against kept tokens, consistency against FLOPs, prefill speedup
+* ``leaderboard.md``: the ranking rule, a ranking table (one row per method, its score's 95% interval,
+  ranks that admit ties) and a table of every (method, budget) cell: accuracy, relative accuracy,
+  agreement, correct→wrong flips, first-token KL, FLOPs ratio, prefill speedup and kept tokens per image;
+* ``leaderboard.csv``: the cell table's numbers and their intervals, one row per (model, method, budget);
+* the plots (PNG): the ranking with intervals, accuracy against kept tokens, consistency against FLOPs, prefill speedup
   against relative accuracy with the Pareto front, relative accuracy per task, and the tokens each
   method keeps on a few test images;
 * ``index.html``: all of it in one self-contained page (inline CSS and script, plots as base64
@@ -17,7 +17,7 @@ output folder:
 How a cell's numbers are made is in `ranking`. Several run folders merge: a later folder's
 (method, budget, task) replaces an earlier one's. This module runs the steps; one module per step:
 `loading` (run folders), `ranking`, `tables` (display and CSV), `markdown`, `page` (HTML), `plots`,
-`scenes` (the testbed's kept-token pictures).
+`scenes` (the testbed's kept-token pictures), `bands` (bootstrap resamples: intervals, ranks with ties).
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from harness import protocol
 from harness.errors import InputError
 from harness.evaluation.runner import REPO_ROOT, run
 
+from . import bands
 from .loading import load_run, merge
 from .markdown import markdown_table, write_markdown
 from .page import write_html
-from .plots import plot_accuracy_vs_kept, plot_consistency_vs_flops, plot_speedup_vs_accuracy, plot_task_heatmap
-from .ranking import RULES, Rule, cell_table, rank, task_table
+from .plots import (plot_accuracy_vs_kept, plot_consistency_vs_flops, plot_ranking, plot_speedup_vs_accuracy,
+                    plot_task_heatmap)
+from .ranking import METRICS, RULES, Rule, cell_table, rank, task_table
 from .scenes import overlay_docs, plot_kept_tokens
 from .tables import ranking_view, write_csv
 
@@ -67,26 +69,33 @@ def render(run_dirs, output_dir, rule: str = "relative_accuracy", overlay_task: 
     if not run_dirs:
         raise LeaderboardError("no run folder given")
     runs = [load_run(d) for d in run_dirs]
-    summary, kept, docs = merge(runs)
+    summary, kept, docs, views = merge(runs)
     tasks = task_table(summary, kept)
-    ranked = rank(cell_table(tasks), rule_)
+    cells = cell_table(tasks)
+    resamples = bands.cell_resamples(cells, views)
+    ranked = rank(bands.with_intervals(cells, resamples), rule_, bands.method_resamples(cells, resamples, rule_.metric))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(ranked, out / "leaderboard.csv")
     write_markdown(out / "leaderboard.md", runs, summary, ranked, rule_)
-    plots = write_plots(ranked, tasks, kept, docs, runs, out, overlay_task, overlay_count)
+    plots = write_plots(ranked, tasks, kept, docs, runs, out, overlay_task, overlay_count, rule_)
     write_html(out / "index.html", runs, summary, ranked, rule_, plots)
     return ranked
 
 
-def write_plots(ranked, tasks, kept, docs, runs, out: Path, overlay_task: str, overlay_count: int):
+def write_plots(ranked, tasks, kept, docs, runs, out: Path, overlay_task: str, overlay_count: int, rule: Rule):
     """Every plot, as (path, caption) in page order."""
     devices = ", ".join(dict.fromkeys(d.split(" (")[0] for r in runs for d in r.timing)) or "device unknown"
     plots = [
+        (out / "ranking.png", lambda r, p: plot_ranking(r, rule, p),
+         f"Each method's mean {METRICS[rule.metric][0]} with its 95% interval; methods sharing a rank (colour) cannot "
+         "be told apart."),
         (out / "accuracy_vs_kept_tokens.png", plot_accuracy_vs_kept,
-         "Accuracy against the visual tokens kept per image; the star and dashed line: unpruned."),
+         "Accuracy against the visual tokens kept per image, with 95% intervals; the star and dashed line: "
+         "unpruned."),
         (out / "consistency_vs_flops.png", plot_consistency_vs_flops,
-         "Consistency with the unpruned model (agreement, first-token KL) against the FLOPs ratio."),
+         "Consistency with the unpruned model (agreement, first-token KL) against the FLOPs ratio, with "
+         "95% intervals."),
         (out / "speedup_vs_relative_accuracy.png", lambda r, p: plot_speedup_vs_accuracy(r, p, devices),
          f"Prefill speedup ({devices}) against relative accuracy; ringed and joined: the Pareto front."),
         (out / "relative_accuracy_by_task.png", lambda r, p: plot_task_heatmap(r, tasks, p),

@@ -45,6 +45,14 @@ def protocol_lines(runs: list[Run], summary: pd.DataFrame) -> list[str]:
     return lines
 
 
+def rank_note(ranked: pd.DataFrame, rule: Rule) -> str:
+    """How ranks were made: with ties from the bootstrap, or (no per-document samples found) by points alone."""
+    if ranked["banded"].fillna(False).astype(bool).any():
+        return rule.ties()
+    return ("No per-document samples (samples/*.jsonl) were found, so there are no intervals: ranks follow the "
+            "point figures alone and may separate methods that noise cannot.")
+
+
 def caveats(runs: list[Run], ranked: pd.DataFrame) -> list[str]:
     """What makes rows less comparable than the table suggests: merged runs measured differently, methods
     averaged over different budgets."""
@@ -84,9 +92,10 @@ def column_notes(runs: list[Run]) -> list[str]:
 
 def write_markdown(path: Path, runs: list[Run], summary: pd.DataFrame, ranked: pd.DataFrame, rule: Rule) -> None:
     ranking, _ = ranking_view(ranked, rule)
-    cells, _ = cell_view(ranked)
+    cells, _ = cell_view(ranked, rule)
     parts = ["# Visual-token pruning leaderboard", "", *[f"- {line}" for line in protocol_lines(runs, summary)], "",
-             f"**Ranking rule.** {rule.describe()}", "", *[f"> {c}\n" for c in caveats(runs, ranked)],
+             f"**Ranking rule.** {rule.describe()} {rank_note(ranked, rule)}", "",
+             *[f"> {c}\n" for c in caveats(runs, ranked)],
              markdown_table(ranking), "",
              "## Every cell", "", "The unpruned reference (`none`, rank `ref`) first, then each method's budgets.",
              "", markdown_table(cells), "", "Columns:", "", *[f"- {n}" for n in column_notes(runs)], ""]

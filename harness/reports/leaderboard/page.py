@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .loading import Run
-from .markdown import caveats, column_notes, protocol_lines
+from .markdown import caveats, column_notes, protocol_lines, rank_note
 from .ranking import Rule
 from .tables import cell_view, ranking_view
 
@@ -82,7 +82,7 @@ def _inline_markdown(text: str) -> str:
 def write_html(path: Path, runs: list[Run], summary: pd.DataFrame, ranked: pd.DataFrame, rule: Rule,
                plots: list[tuple[Path, str]]) -> None:
     ranking = html_table(*ranking_view(ranked, rule), "ranking")
-    cells = html_table(*cell_view(ranked), "cells")
+    cells = html_table(*cell_view(ranked, rule), "cells")
     figures = "".join(
         f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
         f'{base64.b64encode(png.read_bytes()).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -94,7 +94,9 @@ def write_html(path: Path, runs: list[Run], summary: pd.DataFrame, ranked: pd.Da
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>Visual-token pruning leaderboard</title><style>{STYLE}</style></head><body>"
         f"<h1>Visual-token pruning leaderboard</h1>{protocol}"
-        f"<p><strong>Ranking rule.</strong> {_inline_markdown(rule.describe())} Click a header to sort.</p>"
+        f"<p><strong>Ranking rule.</strong> {_inline_markdown(rule.describe())} "
+        f"{_inline_markdown(rank_note(ranked, rule))} "
+        "Click a header to sort.</p>"
         f"{warnings}{ranking}<h2>Every cell</h2>"
         f"<p>The unpruned reference (<code>none</code>) first, then each method's budgets.</p>"
         f"{cells}<ul>{notes}</ul><h2>Plots</h2>{figures}"

@@ -48,6 +48,41 @@ def _reference_points(reference: pd.DataFrame, ax, x: str, y: str) -> None:
                    label="unpruned" + (f" ({row['model']})" if many else ""))
 
 
+def _error_bars(ax, data: pd.DataFrame, x: str, y: str, palette: dict, axis: str = "y") -> None:
+    """Each point's 95% interval of `y` (axis "y") or of `x` (axis "x"), from its `<metric>_ci_low/high`."""
+    metric = y if axis == "y" else x
+    low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+    if low not in data:
+        return
+    for method, group in data.dropna(subset=[low, high]).groupby("method", sort=False):
+        spread = [(group[metric] - group[low]).clip(lower=0), (group[high] - group[metric]).clip(lower=0)]
+        ax.errorbar(group[x], group[y], **{f"{axis}err": spread}, fmt="none", capsize=2, lw=0.8,
+                    color=palette.get(method, "black"), alpha=0.7)
+
+
+def plot_ranking(ranked: pd.DataFrame, rule, path: Path) -> None:
+    """Each method's score (its mean of the ranking figure over budgets) with its 95% interval, best first,
+    coloured by rank: methods sharing a colour share a rank."""
+    import seaborn as sns
+
+    plt = pyplot()
+    methods = ranked[ranked["method"] != REFERENCE].assign(label=plot_labels(ranked))
+    methods = methods.drop_duplicates(["model", "entry"])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(methods) + 1.2))
+    ranks = list(dict.fromkeys(methods["rank"]))
+    colours = dict(zip(ranks, sns.color_palette("tab10" if len(ranks) <= 10 else "husl", len(ranks))))
+    for i, (_, row) in enumerate(methods.iterrows()):
+        colour = colours[row["rank"]]
+        if pd.notna(row["score_low"]):
+            ax.plot([row["score_low"], row["score_high"]], [i, i], color=colour, lw=2.5, alpha=0.6)
+        ax.scatter([row["score"]], [i], color=colour, zorder=3)
+    ax.set_yticks(range(len(methods)),
+                  [f"{r}. {label}" for r, label in zip(methods["rank"], methods["label"])], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"mean {rule.metric.replace('_', ' ')} over budgets (95% interval)")
+    save_figure(fig, path)
+
+
 def plot_accuracy_vs_kept(ranked: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
 
@@ -55,6 +90,7 @@ def plot_accuracy_vs_kept(ranked: pd.DataFrame, path: Path) -> None:
     pruned, reference, palette = _plot_data(ranked)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.lineplot(data=pruned, x="kept_per_image", y="accuracy", hue="method", marker="o", ax=ax, palette=palette)
+    _error_bars(ax, pruned, "kept_per_image", "accuracy", palette)
     for accuracy in reference["accuracy"]:
         ax.axhline(accuracy, color="black", ls="--", lw=1)
     _reference_points(reference, ax, "kept_per_image", "accuracy")
@@ -74,6 +110,7 @@ def plot_consistency_vs_flops(ranked: pd.DataFrame, path: Path) -> None:
                                (axes[1], "first_token_kl", "first-token KL(unpruned ‖ pruned), nats")):
         sns.lineplot(data=pruned, x="flops_ratio", y=metric, hue="method", marker="o", ax=ax, palette=palette,
                      legend=ax is axes[1])
+        _error_bars(ax, pruned, "flops_ratio", metric, palette)
         _reference_points(reference, ax, "flops_ratio", metric)
         ax.set_xlabel("FLOPs ratio (prefill + vision, pruned / unpruned)")
         ax.set_ylabel(ylabel)
@@ -105,6 +142,7 @@ def plot_speedup_vs_accuracy(ranked: pd.DataFrame, path: Path, device: str) -> N
         return
     sns.scatterplot(data=pruned, x="prefill_speedup", y="relative_accuracy", hue="method", style="budget", s=60,
                     ax=ax, palette=palette)
+    _error_bars(ax, pruned, "prefill_speedup", "relative_accuracy", palette)
     _reference_points(reference, ax, "prefill_speedup", "relative_accuracy")
     points = list(zip(pd.concat([reference, pruned])["prefill_speedup"],
                       pd.concat([reference, pruned])["relative_accuracy"]))

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from harness.budget import ADAPTIVE, FULL
+from harness.metrics import intervals
 
 REFERENCE = "none"  # the unpruned method every cell is compared with
 LOWER_IS_BETTER = {"first_token_kl", "flip_correct_to_wrong"}
@@ -48,6 +49,15 @@ class Rule:
                 f"(rel. accuracy: the ratio of the mean accuracies). "
                 f"A method with budget `{ADAPTIVE}` decides per image how many tokens to keep: it is its own "
                 f"row, ranked by its one cell, at the mean number of tokens it kept.")
+
+    @staticmethod
+    def ties() -> str:
+        return (f"Ranks admit ties: a method's rank is 1 + the number of methods that beat it in at least "
+                f"{1 - (1 - intervals.LEVEL) / 2:.1%} of {intervals.RESAMPLES:,} bootstrap resamples of the documents "
+                f"(drawn within each task, the same draws for every method and the unpruned model: a paired "
+                f"comparison). Methods that share a rank cannot be told apart at {intervals.LEVEL:.0%} on these "
+                f"documents. The interval beside a score is its {intervals.LEVEL:.0%} percentile interval over the "
+                f"same resamples.")
 
 
 RULES = {
@@ -125,20 +135,47 @@ def _sort_key(value: float, metric: str) -> float:
     return value if metric in LOWER_IS_BETTER else -value
 
 
-def rank(cells: pd.DataFrame, rule: Rule) -> pd.DataFrame:
-    """The cell table with each method's `rank` and `score` (per model; the unpruned reference has neither),
-    sorted by model, rank and budget. Equal scores and tie-breakers share a rank."""
+def _beaten_by(scores: dict, entry: tuple, metric: str) -> int:
+    """How many methods of the same model beat `entry` with 95% confidence: in at least 97.5% of the common
+    resamples (the paired difference's 95% interval lies wholly on their side)."""
+    mine, better = scores[entry], 0
+    for other, theirs in scores.items():
+        if other != entry and other[0] == entry[0]:
+            wins = theirs < mine if metric in LOWER_IS_BETTER else theirs > mine  # NaN: no win
+            better += np.mean(wins) >= 1 - (1 - intervals.LEVEL) / 2
+    return better
+
+
+def rank(cells: pd.DataFrame, rule: Rule, resampled: dict | None = None) -> pd.DataFrame:
+    """The cell table with each method's `rank`, `score` and `position` (per model; the unpruned reference has
+    none of them), sorted by model, rank, position and budget.
+
+    `position` orders by the point figures (score, then the tie-breaker). `rank` admits ties when `resampled`
+    gives each method's score per bootstrap resample ((model, entry) -> array, the same resamples for all, see
+    `bands`): 1 + the number of methods that beat it with 95% confidence, and `score_low` / `score_high` its
+    95% interval. A model with a method lacking resamples is ranked by position alone (`banded` false)."""
     pruned = cells[cells["method"] != REFERENCE]
     means = pruned.groupby(["model", "entry"], sort=False)[[rule.metric, rule.tie]].mean().reset_index()
     keys = [(_sort_key(s, rule.metric), _sort_key(t, rule.tie)) for s, t in zip(means[rule.metric], means[rule.tie])]
-    ranks = []
+    positions = []
     for model, key in zip(means["model"], keys):
-        ranks.append(1 + sum(k < key for m, k in zip(means["model"], keys) if m == model))
-    means = means.assign(rank=ranks).rename(columns={rule.metric: "score", rule.tie: "tie"})
+        positions.append(1 + sum(k < key for m, k in zip(means["model"], keys) if m == model))
+    resampled = resampled or {}
+    entries = list(zip(means["model"], means["entry"]))
+    banded = {m for m in means["model"] if all(e in resampled for e in entries if e[0] == m)}
+    ranks = [1 + _beaten_by(resampled, e, rule.metric) if e[0] in banded else p for e, p in zip(entries, positions)]
+    ci = [intervals.bounds(resampled[e]) if e in resampled else (np.nan, np.nan) for e in entries]
+    means = means.assign(rank=ranks, position=positions, score_low=[c[0] for c in ci], score_high=[c[1] for c in ci],
+                         banded=[e[0] in banded for e in entries])
+    means = means.rename(columns={rule.metric: "score", rule.tie: "tie"})
     out = cells.merge(means, on=["model", "entry"], how="left")
-    order = sorted(range(len(out)), key=lambda i: (out["model"].iloc[i],
-                                                   0 if pd.isna(out["rank"].iloc[i]) else out["rank"].iloc[i],
-                                                   out["entry"].iloc[i], budget_order(out["budget"].iloc[i])))
-    out = out.iloc[order].reset_index(drop=True)
+
+    def row_order(i):
+        row = out.iloc[i]
+        return (row["model"], 0 if pd.isna(row["rank"]) else row["rank"], 0 if pd.isna(row["position"]) else
+                row["position"], row["entry"], budget_order(row["budget"]))
+
+    out = out.iloc[sorted(range(len(out)), key=row_order)].reset_index(drop=True)
     out["rank"] = out["rank"].astype("Int64")
+    out["position"] = out["position"].astype("Int64")
     return out

@@ -1,11 +1,19 @@
 """The per-cell checks and their thresholds. Every check is paired, because both runs evaluate the same
-documents: a change is called a regression only when it is larger than what noise explains."""
+documents: a change is called a regression only when it is larger than what noise explains.
+
+Accuracy and agreement are judged twice on the same pairs of documents: by the paired bootstrap interval of
+the change (`intervals.difference_interval`, the leaderboard's resampling), and by the exact McNemar test. A
+drop is a regression when the interval excludes the baseline value and the test agrees (p < alpha); when only
+one of them says so it is a warning. They disagree only at the edge: with few changed documents, all one way
+(e.g. 4 lost, 0 gained of 30), no resample can show a gain, so the percentile interval is too narrow there while
+the exact test is not (p = 0.125)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from harness.metrics import intervals
 from harness.metrics.consistency import mcnemar_p
 
 from .loading import RunData
@@ -41,20 +49,28 @@ class Check:
     status: str
     p: float | None = None
     note: str = ""
+    ci: tuple[float, float] | None = None  # paired 95% interval of current - baseline
 
 
 def _paired(name: str, base: list[bool], cur: list[bool], alpha: float) -> Check:
-    """Exact McNemar on paired indicators: a drop is a regression only when it is significant."""
+    """Paired indicators: the change's bootstrap interval at 1 - alpha and the exact McNemar test (module note)."""
     lost = sum(b and not c for b, c in zip(base, cur))
     gained = sum(c and not b for b, c in zip(base, cur))
     p = mcnemar_p(lost, gained)
+    low, high = intervals.difference_interval(base, cur, level=1 - alpha)
     b_mean, c_mean = sum(base) / len(base), sum(cur) / len(cur)
-    if p < alpha:
+    by_interval, by_test = low > 0 or high < 0, p < alpha
+    if by_interval and by_test:
         status = REGRESSION if lost > gained else IMPROVED
+    elif (by_interval or by_test) and lost > gained:
+        status = WARNING
     else:
         status = OK
-    note = f"-{lost}/+{gained} docs, p={p:.3g}" if lost or gained else ""
-    return Check(name, b_mean, c_mean, status, p, note)
+    note = f"-{lost}/+{gained} docs, change {low:+.3f} to {high:+.3f}, p={p:.3g}" if lost or gained else ""
+    if status == WARNING:
+        note += (": the interval excludes the baseline, the exact test does not" if by_interval
+                 else ": the exact test says so, the interval does not")
+    return Check(name, b_mean, c_mean, status, p, note, (low, high))
 
 
 def check_accuracy(base: dict, cur: dict, alpha: float = ALPHA) -> Check:

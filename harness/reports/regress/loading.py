@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import InputError
+from harness.metrics.intervals import ALL_TASKS
 from harness.reports import run_folder
 
 PROTOCOL_KEYS = ("model", "tasks", "limit", "task_data")  # what must be equal (from each cell's key)
@@ -35,7 +36,7 @@ class RunData:
 
 
 def _read_metrics(path: Path) -> dict:
-    frame = run_folder.read_summary(path)
+    frame = run_folder.per_task(run_folder.read_summary(path))  # the checks are per task
     metrics: dict = {}
     for method, budget, task, metric, value in frame[["method", "budget", "task", "metric", "value"]].itertuples(
             index=False, name=None):
@@ -44,8 +45,8 @@ def _read_metrics(path: Path) -> dict:
 
 
 def _row_set(rows) -> frozenset:
-    """Rows comparable as a set (NaN, which a CPU run reports for peak memory, equals itself here)."""
-    return frozenset((r["task"], r["metric"], _key(float(r["value"]))) for r in rows)
+    """Per-task rows comparable as a set (NaN, which a CPU run reports for peak memory, equals itself here)."""
+    return frozenset((r["task"], r["metric"], _key(float(r["value"]))) for r in rows if r["task"] != ALL_TASKS)
 
 
 def _key(value: float):

@@ -21,7 +21,9 @@ def _fmt(check: Check | None) -> str:
     elif check.name == "prefill_ratio":
         text = f"{check.baseline:.2f}->{check.current:.2f}"
     else:
-        text = f"{check.baseline:.3f}->{check.current:.3f}" + (f" (p={check.p:.2g})" if check.note else "")
+        text = f"{check.baseline:.3f}->{check.current:.3f}"
+        if check.note:
+            text += f" ({check.ci[0]:+.3f}…{check.ci[1]:+.3f}, p={check.p:.2g})" if check.ci else f" (p={check.p:.2g})"
     return text + ("" if check.status == OK else f" {check.status}")
 
 
@@ -35,7 +37,9 @@ def _flops_summary(checks: list[Check]) -> str:
 def format_report(report: Report) -> str:
     th = report.thresholds
     head = ["cell", "accuracy", "agreement", "evidence recall", "kept tokens", "FLOPs", "prefill / unpruned", "verdict"]
-    rule = (f"Regression: accuracy or agreement dropped with exact McNemar p < {th.alpha:g} (paired by document); "
+    rule = (f"Regression: accuracy or agreement dropped, the paired bootstrap {1 - th.alpha:.0%} interval of the "
+            f"change excluding zero and exact McNemar p < {th.alpha:g} (paired by document; one of the two alone: "
+            f"a warning); "
             f"evidence recall fell by more than {th.recall_tol:g} with sign-test p < {th.alpha:g}; mean kept tokens "
             f"moved by more than {th.token_tol:g}; any FLOPs increase. The prefill ratio to the same run's unpruned "
             f"prefill more than {th.latency_tol:.0%} worse is a {'regression' if th.strict_latency else 'warning'}.")
@@ -60,10 +64,13 @@ def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
     md.write_text(format_report(report))
     with table.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "budget", "task", "check", "baseline", "current", "p_value", "status", "note"])
+        w.writerow(["method", "budget", "task", "check", "baseline", "current", "change_ci_low", "change_ci_high",
+                    "p_value", "status", "note"])
         for v in report.cells:
             for c in v.checks:
-                w.writerow([v.method, v.budget, v.task, c.name, c.baseline, c.current, c.p, c.status, c.note])
+                low, high = c.ci or (None, None)
+                w.writerow([v.method, v.budget, v.task, c.name, c.baseline, c.current, low, high, c.p, c.status,
+                            c.note])
     return md, table
 
 
