@@ -117,7 +117,7 @@ def test_render_writes_every_file(board):
 def test_markdown_has_a_row_per_method_and_the_stated_columns(board):
     text = (board["out"] / "leaderboard.md").read_text()
     assert "**Ranking rule.** Methods are ranked by their mean rel. accuracy" in text
-    assert "ties broken by their mean agreement" in text
+    assert "equal means in the order of their mean agreement" in text
     assert text.index("Ranking rule") < text.index("| rank |")  # the rule is stated above the table
     ranking, cells = _tables(text)
     header, rows = ranking[0], ranking[1:]

@@ -386,7 +386,10 @@ def run(config: RunConfig, out=None) -> list[dict]:
         write_summary(out_dir / SUMMARY, rows)  # after every cell: an interrupted sweep keeps its rows
         acc = [r for r in cell_rows if r["metric"] == "accuracy" and r["task"] != intervals.ALL_TASKS]
         mean = sum(r["value"] for r in acc) / len(acc) if acc else float("nan")
-        say(f"      done in {time.perf_counter() - t0:.1f}s: mean accuracy {mean:.3f} over {len(acc)} task(s)")
+        over = {r["metric"]: r["value"] for r in cell_rows if r["task"] == intervals.ALL_TASKS}
+        ci = (f" (95% interval {over['accuracy_ci_low']:.3f}-{over['accuracy_ci_high']:.3f})"
+              if "accuracy_ci_low" in over else "")
+        say(f"      done in {time.perf_counter() - t0:.1f}s: mean accuracy {mean:.3f}{ci} over {len(acc)} task(s)")
 
     ranks.stop()
     if not ranks.main:

@@ -44,8 +44,9 @@ class Rule:
         def name(metric):
             return METRICS[metric][0] + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
 
-        return (f"Methods are ranked by their mean {name(self.metric)} over the budgets they were run at, "
-                f"ties broken by their mean {name(self.tie)}. Each budget's value is the mean over the tasks "
+        return (f"Methods are ranked by their mean {name(self.metric)} over the budgets they were run at "
+                f"(listed in its order; equal means in the order of their mean {name(self.tie)}). "
+                f"Each budget's value is the mean over the tasks "
                 f"(rel. accuracy: the ratio of the mean accuracies). "
                 f"A method with budget `{ADAPTIVE}` decides per image how many tokens to keep: it is its own "
                 f"row, ranked by its one cell, at the mean number of tokens it kept.")
