@@ -6,7 +6,8 @@
 
 Reads the published figures (results/published_vs_testbed.csv: one row per method, budget and source table)
 and the committed protocol (results/testbed_default_protocol.csv). The testbed figure is the accuracy kept:
-the cell's accuracy summed over the tasks / the unpruned model's. Ranks and tau are computed within one
+the cell's accuracy summed over the tasks / the unpruned model's, with its 95% paired bootstrap interval
+(summary.csv's `all_tasks` rows). Ranks and tau are computed within one
 source table and budget only: papers average different benchmark sets, so their scores do not mix.
 Tau is scipy's tau-b (ties allowed); with fewer than 4 methods it is printed but marked not informative.
 """
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "results" / "published_vs_testbed.csv"
 PROTOCOL = ROOT / "results" / "testbed_default_protocol.csv"
 COLUMNS = ("method", "published_name", "budget", "source", "table", "benchmarks", "published_metric",
-           "published_score", "published_rank", "testbed_accuracy_kept", "testbed_rank", "transcription", "note")
+           "published_score", "published_rank", "testbed_accuracy_kept", "testbed_ci_low", "testbed_ci_high", "testbed_rank",
+           "transcription", "note")
 GROUP = ["source", "table", "budget"]
 MIN_INFORMATIVE = 4  # below this many methods a rank correlation says next to nothing
 TOLERANCE = 5e-4     # the CSV stores the accuracy kept to 4 decimals
@@ -67,13 +69,27 @@ def kendall(published, testbed) -> tuple[float, int]:
     return float(tau), n
 
 
-def side_by_side(published: pd.DataFrame, kept: dict) -> pd.DataFrame:
-    """The published rows with the testbed's accuracy kept and both ranks within each source table and budget."""
+def testbed_intervals(protocol: pd.DataFrame) -> dict:
+    """(method, budget) -> the 95% paired bootstrap interval of the accuracy kept (summary.csv's `all_tasks`
+    rows: the same ratio of summed accuracies); (nan, nan) for a protocol run before intervals existed."""
+    over = protocol[protocol.task == ALL_TASKS].set_index(["method", "budget", "metric"]).value
+    return {(m, str(b)): (over.get((m, b, "relative_accuracy_ci_low"), float("nan")),
+                          over.get((m, b, "relative_accuracy_ci_high"), float("nan")))
+            for m, b in set(zip(protocol.method, protocol.budget))}
+
+
+def side_by_side(published: pd.DataFrame, kept: dict, bounds: dict | None = None) -> pd.DataFrame:
+    """The published rows with the testbed's accuracy kept (and its interval, from `bounds`) and both ranks
+    within each source table and budget."""
     d = published.copy()
     missing = [(m, b) for m, b in zip(d.method, d.budget) if (m, b) not in kept]
     if missing:
         sys.exit(f"no testbed cell for {missing}; the protocol has {sorted(kept)}")
     d["testbed_accuracy_kept"] = [round(kept[(m, b)], 4) for m, b in zip(d.method, d.budget)]
+    bounds = bounds or {}
+    for i, side in enumerate(("low", "high")):
+        d[f"testbed_ci_{side}"] = [round(bounds.get((m, b), (float("nan"),) * 2)[i], 4)
+                                   for m, b in zip(d.method, d.budget)]
     by = d.groupby(GROUP, sort=False)
     d["published_rank"] = by.published_score.rank(ascending=False, method="average")
     d["testbed_rank"] = by.testbed_accuracy_kept.rank(ascending=False, method="average")
@@ -93,7 +109,9 @@ def stale(csv: pd.DataFrame, fresh: pd.DataFrame) -> list[str]:
     """Rows whose stored testbed figures or ranks differ from the ones recomputed from the protocol."""
     out = []
     for (_, a), (_, b) in zip(csv.iterrows(), fresh.iterrows()):
-        if (abs(a.testbed_accuracy_kept - b.testbed_accuracy_kept) > TOLERANCE
+        intervals_moved = any(abs(a[c] - b[c]) > TOLERANCE or pd.isna(a[c]) != pd.isna(b[c])
+                              for c in ("testbed_ci_low", "testbed_ci_high"))
+        if (abs(a.testbed_accuracy_kept - b.testbed_accuracy_kept) > TOLERANCE or intervals_moved
                 or a.testbed_rank != b.testbed_rank or a.published_rank != b.published_rank):
             out.append(f"{a.method}@{a.budget} ({a.source}): stored {a.testbed_accuracy_kept} / rank "
                        f"{a.testbed_rank} / published rank {a.published_rank}, recomputed "
@@ -109,7 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true", help="refill the CSV's testbed columns and ranks")
     args = p.parse_args(argv)
     csv = read_published(args.published)
-    d = side_by_side(csv, testbed_kept(pd.read_csv(args.protocol, dtype={"budget": str})))
+    protocol = pd.read_csv(args.protocol, dtype={"budget": str})
+    d = side_by_side(csv, testbed_kept(protocol), testbed_intervals(protocol))
     pd.set_option("display.width", 200)
     pd.set_option("display.max_colwidth", 40)
     for budget in sorted(d.budget.unique(), key=int, reverse=True):
@@ -117,7 +136,9 @@ def main(argv=None) -> int:
         g = d[d.budget == budget]
         view = pd.DataFrame({"source": g.source.map(short), "table": g.table.str.split(" ").str[:2].str.join(" "),
                              "method": g.method, "published": g.published_score, "pub. rank": g.published_rank,
-                             "testbed kept": g.testbed_accuracy_kept, "testbed rank": g.testbed_rank,
+                             "testbed kept": g.testbed_accuracy_kept,
+                             "95% interval": [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(g.testbed_ci_low, g.testbed_ci_high)],
+                             "testbed rank": g.testbed_rank,
                              "transcription": g.transcription.str.split(":").str[0]})
         print(view.to_string(index=False))
     t = taus(d)
