@@ -40,6 +40,7 @@ step "leaderboard and analyses of the protocol run"
 "$H" analyze consistency "$OUT/protocol"
 cp "$OUT/protocol/analysis/ipr_consistency.csv" "$OUT/protocol/analysis/ipr_consistency.png" results/
 "$H" codebook analyze --output results/codebook_analysis --run "$OUT/protocol"
+"$VENV/bin/python" scripts/published_vs_testbed.py --write   # the testbed columns beside the published rankings
 
 step "CI regression baseline and history"
 "$H" regress --ci --write-baseline
