@@ -7,15 +7,31 @@ from PIL import Image
 from harness.evaluation.image_cache import CachedImageProcessor, LRUBytes
 
 
-def test_lru_keeps_to_its_byte_budget():
+def test_the_cache_keeps_to_its_byte_budget():
     cache = LRUBytes(max_bytes=10)
     for key in "abc":
         cache.put(key, key, 4)
-    assert cache.bytes <= 10 and cache.get("a") is None and cache.get("c") == "c"
-    cache.put("d", "d", 4)  # "b" is now the least recently used
-    assert cache.get("b") is None and cache.get("c") == "c"
+    # full: "c" displaced "b", the newest entry never read back; "a" stays for the next pass
+    assert cache.bytes <= 10 and cache.get("b") is None and cache.get("a") == "a" and cache.get("c") == "c"
+    cache.put("d", "d", 4)  # every other entry was read back: the least recently used ("a") goes
+    assert cache.get("a") is None and cache.get("c") == "c" and cache.get("d") == "d"
     cache.put("huge", "x", 11)  # larger than the whole budget: not kept
     assert cache.get("huge") is None and cache.bytes <= 10
+
+
+def test_a_repeated_pass_larger_than_the_cache_still_finds_what_fits():
+    """A run calls the same 10 keys in every cell, 4 fit: plain LRU would find none of them in the next pass
+    (each put drops the oldest, the one the pass needs next); this cache finds 3 per pass (the newest slot is
+    the one that changes)."""
+    cache = LRUBytes(max_bytes=4)
+    for _ in range(3):
+        for key in range(10):
+            if cache.get(key) is None:
+                cache.put(key, key, 1)
+    assert (cache.misses, cache.hits) == (10 + 7 + 7, 3 + 3)
+    assert cache.bytes == 4
+    cache.put("x", "x", 1)
+    assert cache.get("x") == "x"  # the newest entry serves an immediate repeat
 
 
 def test_cached_pixels_equal_the_processors(tiny_llava_dir):

@@ -14,17 +14,23 @@ from collections import OrderedDict
 
 
 class LRUBytes:
-    """A mapping bounded by the summed size of its values (least recently used dropped first)."""
+    """A mapping bounded by the summed size of its values, made for a run that makes the same calls again in
+    every cell. When full, a new entry first displaces the newest entry that was never read back, then the least
+    recently used one. Plain LRU would drop the oldest: with more entries than fit, a repeated pass then finds
+    none of them (measured: a 100-document sweep reused 0 of 101 vision calls per cell); this way the entries
+    that fit are kept and found again, and the newest one still serves an immediate repeat."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
-        self.items: OrderedDict = OrderedDict()
+        self.items: OrderedDict = OrderedDict()  # key -> (value, size), least recently used first
+        self.unread: set = set()  # keys never read back since they were put
         self.bytes = 0
         self.hits = self.misses = 0
 
     def get(self, key):
         if key in self.items:
             self.items.move_to_end(key)
+            self.unread.discard(key)
             self.hits += 1
             return self.items[key][0]
         self.misses += 1
@@ -36,9 +42,14 @@ class LRUBytes:
         if key in self.items:
             self.bytes -= self.items.pop(key)[1]
         self.items[key] = (value, size)
+        self.unread.add(key)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            self.bytes -= self.items.popitem(last=False)[1][1]
+            victim = next((k for k in reversed(self.items) if k in self.unread and k != key), None)
+            if victim is None:
+                victim = next(iter(self.items))  # all read back (or only the new one unread): the LRU
+            self.bytes -= self.items.pop(victim)[1]
+            self.unread.discard(victim)
 
 
 def image_digest(image) -> tuple:

@@ -36,8 +36,9 @@ hooks registered (a profiler, say: it must see the real work), a family that dec
 someone else has shadowed already.
 
 Memory: tensors stay where they were produced (the model's device). An entry's size is the bytes of the distinct
-storages its output and recorded calls hold; the cache keeps entries within its byte bound, least recently used
-dropped first, and an entry larger than the bound is not kept at all. A recorded input that is the function's own
+storages its output and recorded calls hold; the cache keeps entries within its byte bound (`LRUBytes`: when
+full, what a repeated pass will ask for again is kept rather than the newest call), and an entry larger than the
+bound is not kept at all. A recorded input that is the function's own
 argument (the pixels handed to the vision tower) is not kept: a hit passes its own, which has the same bytes (on
 the testbed this halves an entry: 7 MiB for a batch of 8 images).
 """
