@@ -88,8 +88,8 @@ def write_plots(ranked, tasks, kept, docs, runs, out: Path, overlay_task: str, o
     devices = ", ".join(dict.fromkeys(d.split(" (")[0] for r in runs for d in r.timing)) or "device unknown"
     plots = [
         (out / "ranking.png", lambda r, p: plot_ranking(r, rule, p),
-         f"Each method's mean {METRICS[rule.metric][0]} with its 95% interval; methods sharing a rank (colour) cannot "
-         "be told apart."),
+         f"Each method's mean {METRICS[rule.metric][0]} with its 95% interval; one colour per rank (ranks admit "
+         "ties)."),
         (out / "accuracy_vs_kept_tokens.png", plot_accuracy_vs_kept,
          "Accuracy against the visual tokens kept per image, with 95% intervals; the star and dashed line: "
          "unpruned."),

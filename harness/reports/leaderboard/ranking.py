@@ -56,9 +56,9 @@ class Rule:
         return (f"Ranks admit ties: a method's rank is 1 + the number of methods that beat it in at least "
                 f"{1 - (1 - intervals.LEVEL) / 2:.1%} of {intervals.RESAMPLES:,} bootstrap resamples of the documents "
                 f"(drawn within each task, the same draws for every method and the unpruned model: a paired "
-                f"comparison). Methods that share a rank cannot be told apart at {intervals.LEVEL:.0%} on these "
-                f"documents. The interval beside a score is its {intervals.LEVEL:.0%} percentile interval over the "
-                f"same resamples.")
+                f"comparison), so methods that share a rank have as many methods ahead of them with "
+                f"{intervals.LEVEL:.0%} confidence. The interval beside a score is its {intervals.LEVEL:.0%} "
+                f"percentile interval over the same resamples.")
 
 
 RULES = {
