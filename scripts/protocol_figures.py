@@ -10,7 +10,7 @@ import sys
 
 import pandas as pd
 
-from harness.metrics.intervals import ALL_TASKS
+from harness.reports.run_folder import per_task
 
 METRICS = ("agreement", "first_token_kl", "evidence_recall", "visual_tokens_kept", "delta_ipr")
 BUDGETS = ("192", "128", "64")
@@ -18,7 +18,7 @@ BUDGETS = ("192", "128", "64")
 
 def main(csv: str) -> None:
     d = pd.read_csv(csv, dtype={"budget": str})
-    d = d[d.task != ALL_TASKS]  # per task only: the means below are taken here
+    d = per_task(d)  # the means below are taken here
     acc = d[d.metric == "accuracy"]
     none = acc[acc.method == "none"].set_index("task").value
     print("unpruned, mean over tasks:", round(none.mean(), 3))

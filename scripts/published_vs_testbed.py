@@ -19,14 +19,14 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import kendalltau
 
-from harness.metrics.intervals import ALL_TASKS  # a cell's figures over its tasks
+from harness.reports.run_folder import over_tasks, per_task
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "results" / "published_vs_testbed.csv"
 PROTOCOL = ROOT / "results" / "testbed_default_protocol.csv"
 COLUMNS = ("method", "published_name", "budget", "source", "table", "benchmarks", "published_metric",
-           "published_score", "published_rank", "testbed_accuracy_kept", "testbed_ci_low", "testbed_ci_high", "testbed_rank",
-           "transcription", "note")
+           "published_score", "published_rank", "testbed_accuracy_kept", "testbed_ci_low", "testbed_ci_high",
+           "testbed_rank", "transcription", "note")
 GROUP = ["source", "table", "budget"]
 MIN_INFORMATIVE = 4  # below this many methods a rank correlation says next to nothing
 TOLERANCE = 5e-4     # the CSV stores the accuracy kept to 4 decimals
@@ -42,7 +42,8 @@ def read_published(path=PUBLISHED) -> pd.DataFrame:
 
 def testbed_kept(protocol: pd.DataFrame) -> dict:
     """(method, budget) -> accuracy summed over the tasks / the unpruned model's, on the same tasks."""
-    acc = protocol[(protocol.metric == "accuracy") & (protocol.task != ALL_TASKS)]
+    acc = per_task(protocol)
+    acc = acc[acc.metric == "accuracy"]
     none = acc[acc.method == "none"].set_index("task").value
     if none.empty:
         sys.exit("the protocol has no unpruned (`none`) accuracy rows")
@@ -72,7 +73,7 @@ def kendall(published, testbed) -> tuple[float, int]:
 def testbed_intervals(protocol: pd.DataFrame) -> dict:
     """(method, budget) -> the 95% paired bootstrap interval of the accuracy kept (summary.csv's `all_tasks`
     rows: the same ratio of summed accuracies); (nan, nan) for a protocol run before intervals existed."""
-    over = protocol[protocol.task == ALL_TASKS].set_index(["method", "budget", "metric"]).value
+    over = over_tasks(protocol).set_index(["method", "budget", "metric"]).value
     return {(m, str(b)): (over.get((m, b, "relative_accuracy_ci_low"), float("nan")),
                           over.get((m, b, "relative_accuracy_ci_high"), float("nan")))
             for m, b in set(zip(protocol.method, protocol.budget))}
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         view = pd.DataFrame({"source": g.source.map(short), "table": g.table.str.split(" ").str[:2].str.join(" "),
                              "method": g.method, "published": g.published_score, "pub. rank": g.published_rank,
                              "testbed kept": g.testbed_accuracy_kept,
-                             "95% interval": [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(g.testbed_ci_low, g.testbed_ci_high)],
+                             "95% interval": [f"{lo:.3f}-{hi:.3f}"
+                                              for lo, hi in zip(g.testbed_ci_low, g.testbed_ci_high)],
                              "testbed rank": g.testbed_rank,
                              "transcription": g.transcription.str.split(":").str[0]})
         print(view.to_string(index=False))
